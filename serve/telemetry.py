@@ -1,0 +1,257 @@
+"""GPU (NVML) and process-CPU telemetry for a serving process, published as Ray metrics.
+
+Why it lives in the replica: a model copy owns the GPUs that Ray assigned to its
+process (``CUDA_VISIBLE_DEVICES``), so the replica is the one place that knows
+which GPUs belong to which model copy. The gauges go through Ray's metrics
+pipeline (``ray.serve.metrics``) like the request metrics, so one Prometheus job
+scraping Ray's metrics export port sees everything, and inside a Serve replica
+each series carries the ``deployment``/``replica``/``application`` labels.
+Ray prefixes custom metric names with ``ray_`` on export.
+
+Exported names (logical, before Ray's prefix), BRIEF contract 2:
+
+- ``llmslo_gpu_memory_used_bytes{gpu,uuid,model}`` / ``llmslo_gpu_memory_total_bytes``
+- ``llmslo_gpu_utilization_ratio`` (0..1, NVML's "percent of time a kernel ran")
+- ``llmslo_gpu_power_watts`` / ``llmslo_gpu_power_limit_watts`` (enforced limit)
+- ``llmslo_gpu_temperature_celsius`` (GPU die)
+- ``llmslo_gpu_energy_joules_total`` counter: joules used since this process
+  started sampling (from NVML's total-energy counter, mJ -> J)
+- ``llmslo_nvml_available{model,component}`` 1 when NVML answered, else 0
+- ``llmslo_process_cpu_percent{model,component}``: this process's CPU time over
+  the last sampling interval as a share of the whole machine (100 = every
+  logical CPU busy), the reading the "CPU < 70 %" KPI is judged on.
+
+No driver or no GPU means no GPU series at all (never zeros that look like an
+idle GPU) and ``llmslo_nvml_available 0``. A field the GPU does not support
+(e.g. energy on pre-Volta boards) is left out for that GPU only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+import pynvml
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 5.0
+
+GPU_MEMORY_USED = "llmslo_gpu_memory_used_bytes"
+GPU_MEMORY_TOTAL = "llmslo_gpu_memory_total_bytes"
+GPU_UTILIZATION = "llmslo_gpu_utilization_ratio"
+GPU_POWER = "llmslo_gpu_power_watts"
+GPU_POWER_LIMIT = "llmslo_gpu_power_limit_watts"
+GPU_TEMPERATURE = "llmslo_gpu_temperature_celsius"
+GPU_ENERGY = "llmslo_gpu_energy_joules_total"
+NVML_AVAILABLE = "llmslo_nvml_available"
+PROCESS_CPU = "llmslo_process_cpu_percent"
+
+GPU_TAGS = ("gpu", "uuid", "model")
+PROCESS_TAGS = ("model", "component")
+
+
+@dataclass(frozen=True)
+class GpuSample:
+    """One NVML reading of one GPU; None where the board does not support a field."""
+
+    index: int
+    uuid: str
+    memory_used_bytes: int
+    memory_total_bytes: int
+    utilization_ratio: float | None
+    power_watts: float | None
+    power_limit_watts: float | None
+    temperature_celsius: float | None
+    energy_joules: float | None
+
+
+def select_visible(devices: list[tuple[int, str]], cuda_visible: str | None) -> list[tuple[int, str]]:
+    """The (index, uuid) pairs a process sees under ``CUDA_VISIBLE_DEVICES``.
+
+    Follows CUDA's rules: unset means every device; entries are indices or UUID
+    prefixes; an entry that names no device ends the list (CUDA ignores the rest).
+    """
+    if cuda_visible is None:
+        return list(devices)
+    chosen: list[tuple[int, str]] = []
+    for token in (t.strip() for t in cuda_visible.split(",")):
+        match = [d for d in devices if (token.isdigit() and d[0] == int(token))
+                 or (token and not token.isdigit() and d[1].startswith(token))]
+        if len(match) != 1:
+            break
+        chosen.append(match[0])
+    return chosen
+
+
+def _optional(read: Callable[[], float]) -> float | None:
+    """A field that some boards lack: NotSupported/NoPermission -> None."""
+    try:
+        return read()
+    except pynvml.NVMLError:
+        return None
+
+
+class NvmlReader:
+    """Reads the GPUs visible to this process; ``available`` is False without a driver."""
+
+    def __init__(self, cuda_visible: str | None = None) -> None:
+        self.available = False
+        self._handles: list[tuple[int, str, object]] = []
+        try:
+            pynvml.nvmlInit()
+            devices = []
+            for index in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                devices.append((index, pynvml.nvmlDeviceGetUUID(handle)))
+            for index, uuid in select_visible(devices, cuda_visible):
+                self._handles.append((index, uuid, pynvml.nvmlDeviceGetHandleByIndex(index)))
+            self.available = True
+        except pynvml.NVMLError as exc:
+            log.info("NVML unavailable, GPU telemetry off: %s", exc)
+
+    def read(self) -> list[GpuSample]:
+        """One sample per visible GPU; an NVML failure mid-run marks NVML unavailable."""
+        if not self.available:
+            return []
+        try:
+            return [self._read_one(*h) for h in self._handles]
+        except pynvml.NVMLError as exc:
+            log.warning("NVML read failed, GPU telemetry off: %s", exc)
+            self.available = False
+            return []
+
+    @staticmethod
+    def _read_one(index: int, uuid: str, handle: object) -> GpuSample:
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        return GpuSample(
+            index=index,
+            uuid=uuid,
+            memory_used_bytes=int(memory.used),
+            memory_total_bytes=int(memory.total),
+            utilization_ratio=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0),
+            power_watts=_optional(lambda: pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
+            power_limit_watts=_optional(lambda: pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000.0),
+            temperature_celsius=_optional(
+                lambda: float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))),
+            energy_joules=_optional(lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0),
+        )
+
+
+class CpuReader:
+    """This process's CPU use since the previous call, as a share of the whole machine."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self._cpus = psutil.cpu_count() or 1
+        self._process.cpu_percent(None)  # first call only sets the reference point
+
+    def read(self) -> float:
+        return self._process.cpu_percent(None) / self._cpus
+
+
+class RayPublisher:
+    """Sets the Ray gauges/counter from samples; Ray exports them with a ``ray_`` prefix."""
+
+    def __init__(self, model: str, component: str) -> None:
+        from ray.serve.metrics import Counter, Gauge  # adds replica labels inside Serve
+
+        self._model = model
+        self._gauges = {name: Gauge(name, description=desc, tag_keys=GPU_TAGS) for name, desc in (
+            (GPU_MEMORY_USED, "GPU memory in use on the device (NVML), bytes"),
+            (GPU_MEMORY_TOTAL, "GPU memory on the device (NVML), bytes"),
+            (GPU_UTILIZATION, "share of the last sample period a kernel ran on the GPU (NVML)"),
+            (GPU_POWER, "GPU board power draw (NVML), watts"),
+            (GPU_POWER_LIMIT, "enforced GPU power limit (NVML), watts"),
+            (GPU_TEMPERATURE, "GPU die temperature (NVML), degrees Celsius"),
+        )}
+        self._energy = Counter(GPU_ENERGY, description="GPU energy used since sampling began (NVML), joules",
+                               tag_keys=GPU_TAGS)
+        self._last_energy: dict[str, float] = {}
+        self._nvml = Gauge(NVML_AVAILABLE, description="1 when NVML answered in this process, else 0",
+                           tag_keys=PROCESS_TAGS)
+        self._cpu = Gauge(PROCESS_CPU, description="process CPU use as a share of all logical CPUs, percent",
+                          tag_keys=PROCESS_TAGS)
+        self._process_tags = {"model": model, "component": component}
+
+    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu_percent: float) -> None:
+        self._nvml.set(1.0 if nvml_available else 0.0, tags=dict(self._process_tags))
+        self._cpu.set(cpu_percent, tags=dict(self._process_tags))
+        for gpu in gpus:
+            tags = {"gpu": str(gpu.index), "uuid": gpu.uuid, "model": self._model}
+            values = {
+                GPU_MEMORY_USED: gpu.memory_used_bytes,
+                GPU_MEMORY_TOTAL: gpu.memory_total_bytes,
+                GPU_UTILIZATION: gpu.utilization_ratio,
+                GPU_POWER: gpu.power_watts,
+                GPU_POWER_LIMIT: gpu.power_limit_watts,
+                GPU_TEMPERATURE: gpu.temperature_celsius,
+            }
+            for name, value in values.items():
+                if value is not None:
+                    self._gauges[name].set(float(value), tags=dict(tags))
+            self._publish_energy(gpu, tags)
+
+    def _publish_energy(self, gpu: GpuSample, tags: dict[str, str]) -> None:
+        """NVML's energy counter is absolute since driver load; the counter gets the deltas."""
+        if gpu.energy_joules is None:
+            return
+        previous = self._last_energy.get(gpu.uuid)
+        self._last_energy[gpu.uuid] = gpu.energy_joules
+        if previous is not None and gpu.energy_joules > previous:
+            self._energy.inc(gpu.energy_joules - previous, tags=dict(tags))
+
+
+class TelemetrySampler:
+    """Samples NVML and CPU every ``interval_s`` on a daemon thread.
+
+    A thread, not an asyncio task: NVML calls block, and the caller may or may
+    not be running inside an event loop (a Serve replica's ``__init__``).
+    """
+
+    def __init__(self, model: str, component: str, interval_s: float = DEFAULT_INTERVAL_S,
+                 publisher: RayPublisher | None = None) -> None:
+        self.interval_s = interval_s
+        self.nvml = NvmlReader(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.cpu = CpuReader()
+        self.publisher = publisher or RayPublisher(model, component)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="llmslo-telemetry", daemon=True)
+
+    def sample_once(self) -> None:
+        gpus = self.nvml.read()
+        self.publisher.publish(self.nvml.available, gpus, self.cpu.read())
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.sample_once()
+            except Exception:  # a telemetry hiccup must never take the replica down
+                log.exception("telemetry sample failed")
+            if self._stop.wait(self.interval_s):
+                return
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(timeout=self.interval_s + 5)
+
+
+_lock = threading.Lock()
+_sampler: TelemetrySampler | None = None
+
+
+def start_telemetry(model: str, component: str, interval_s: float = DEFAULT_INTERVAL_S) -> TelemetrySampler:
+    """Start this process's telemetry sampler once; later calls return the running one."""
+    global _sampler
+    with _lock:
+        if _sampler is None:
+            _sampler = TelemetrySampler(model, component, interval_s)
+            _sampler.start()
+        return _sampler

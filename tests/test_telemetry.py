@@ -1,0 +1,93 @@
+"""serve/telemetry.py: GPU selection rules, the no-driver path, and the sampler thread.
+
+This machine has no NVIDIA driver, so the NVML tests exercise the real
+"library not found" path; on a GPU machine the same tests check real readings.
+The end-to-end check that the gauges reach Prometheus through Ray lives in
+tests/test_monitor_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve import telemetry
+from serve.telemetry import NvmlReader, select_visible
+
+DEVICES = [(0, "GPU-aaaa-1111"), (1, "GPU-bbbb-2222"), (2, "GPU-cccc-3333")]
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (None, [0, 1, 2]),          # unset: every device
+        ("", []),                   # empty: none
+        ("2,0", [2, 0]),            # CUDA order, not NVML order
+        ("GPU-bbbb", [1]),          # UUID prefix
+        ("1,7,2", [1]),             # an unknown entry ends the list, like CUDA
+        ("-1", []),
+        ("GPU-", []),               # ambiguous prefix names no single device
+    ],
+)
+def test_select_visible_follows_cuda_rules(env: str | None, expected: list[int]) -> None:
+    assert [i for i, _ in select_visible(DEVICES, env)] == expected
+
+
+def test_nvml_reader_without_driver_reports_unavailable_and_no_gpus() -> None:
+    reader = NvmlReader(None)
+    samples = reader.read()
+    if not reader.available:  # this machine: no driver -> no fake numbers
+        assert samples == []
+        return
+    assert samples, "NVML answered but no GPU was read"
+    for gpu in samples:
+        assert 0 < gpu.memory_used_bytes <= gpu.memory_total_bytes
+        assert gpu.utilization_ratio is None or 0.0 <= gpu.utilization_ratio <= 1.0
+
+
+def test_cpu_reader_is_a_share_of_the_machine() -> None:
+    cpu = telemetry.CpuReader()
+    sum(i * i for i in range(200_000))  # burn a little CPU
+    assert 0.0 <= cpu.read() <= 100.0
+
+
+class _Recorder:
+    """Stands in for Ray's exporter only to observe what the sampler publishes."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, list, float]] = []
+
+    def publish(self, nvml_available: bool, gpus: list, cpu_percent: float) -> None:
+        self.calls.append((nvml_available, gpus, cpu_percent))
+
+
+def test_sampler_thread_runs_inside_an_event_loop_and_stops() -> None:
+    recorder = _Recorder()
+
+    async def start_in_loop() -> telemetry.TelemetrySampler:
+        sampler = telemetry.TelemetrySampler("m", "replica", interval_s=0.05, publisher=recorder)
+        sampler.start()  # must not block or need the loop
+        await asyncio.sleep(0.3)
+        return sampler
+
+    sampler = asyncio.run(start_in_loop())
+    sampler.stop()
+    assert not sampler.thread.is_alive()
+    assert len(recorder.calls) >= 2
+    available, gpus, _ = recorder.calls[-1]
+    assert available == NvmlReader(None).available
+    if not available:
+        assert gpus == []
+
+
+def test_start_telemetry_is_idempotent_and_publishes_through_ray_metrics(monkeypatch) -> None:
+    monkeypatch.setattr(telemetry, "_sampler", None)
+    first = telemetry.start_telemetry("m", "replica", interval_s=0.05)
+    try:
+        assert telemetry.start_telemetry("other", "ingress") is first
+        assert isinstance(first.publisher, telemetry.RayPublisher)
+        first.sample_once()  # real Ray metric objects accept the no-GPU sample
+        assert first.thread.is_alive()
+    finally:
+        first.stop()
