@@ -1,0 +1,1 @@
+"""Published reference data shipped with the package (see platforms.yaml)."""

@@ -1,0 +1,62 @@
+"""``llmslo compare``: the seed's table comes back exactly; a run lands beside it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llmslo import compare
+
+# seed 001 §4.2, as published
+SEED_LINES = [
+    "| 2×RTX 4090 | 2× RTX 4090 24 GB (FP16) | 320 ± 15 | 18 ± 2 | 142 | 8 |",
+    "| 1×A100 40GB | 1× A100 40 GB (FP16) | 380 ± 20 | 22 ± 3 | 118 | 6 |",
+    "| 2×RTX 3090 | 2× RTX 3090 24 GB (FP16) | 450 ± 25 | 30 ± 4 | 85 | 4 |",
+    "| 1×RTX 4090 + INT4 | 1× RTX 4090 24 GB (INT4) | 520 ± 30 | 38 ± 5 | 63 | 2 |",
+]
+
+
+@pytest.fixture
+def sample_summary() -> dict:
+    return {
+        "platform_table": {
+            "platform": "sim",
+            "gpus": "none (simulated)",
+            "ttft_ms": {"mean": 101.25, "sd": 7.5},
+            "ms_per_token": {"mean": 12.0, "sd": 1.25},
+            "max_throughput_tokens_s": 640.5,
+            "max_concurrency_meeting_slos": 16,
+        }
+    }
+
+
+def test_reference_reproduces_the_seed_table(tmp_path: Path) -> None:
+    assert compare.main(["--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "compare.md").read_text()
+    assert markdown.splitlines()[2:] == SEED_LINES
+    with Image.open(tmp_path / "compare.png") as png:
+        assert png.size[0] > 1000
+
+
+def test_a_run_lands_next_to_the_seed(tmp_path: Path, sample_summary: dict) -> None:
+    run = tmp_path / "run1"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps(sample_summary))
+    out = tmp_path / "cmp"
+    assert compare.main([f"laptop sim={run}", "--out", str(out)]) == 0
+    lines = (out / "compare.md").read_text().splitlines()
+    assert lines[2:6] == SEED_LINES
+    assert lines[6].startswith("| **laptop sim** |")
+
+
+def test_unreadable_run_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    try:
+        compare.main([str(missing), "--out", str(tmp_path)])
+    except SystemExit as exc:
+        assert "cannot read" in str(exc) and "summary.json" in str(exc)
+    else:
+        raise AssertionError("a missing run must stop with a message")
