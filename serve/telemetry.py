@@ -20,6 +20,9 @@ Exported names (logical, before Ray's prefix), BRIEF contract 2:
 - ``llmslo_process_cpu_percent{model,component}``: this process's CPU time over
   the last sampling interval as a share of the whole machine (100 = every
   logical CPU busy), the reading the "CPU < 70 %" KPI is judged on.
+- ``llmslo_replica_max_ongoing_requests{model,component}``: inside a Serve
+  replica, the deployment's ``max_ongoing_requests``; summed over live replicas
+  it is the serving capacity the "≥ 8 concurrent requests" alert watches.
 
 No driver or no GPU means no GPU series at all (never zeros that look like an
 idle GPU) and ``llmslo_nvml_available 0``. A field the GPU does not support
@@ -50,6 +53,7 @@ GPU_TEMPERATURE = "llmslo_gpu_temperature_celsius"
 GPU_ENERGY = "llmslo_gpu_energy_joules_total"
 NVML_AVAILABLE = "llmslo_nvml_available"
 PROCESS_CPU = "llmslo_process_cpu_percent"
+REPLICA_CAPACITY = "llmslo_replica_max_ongoing_requests"
 
 GPU_TAGS = ("gpu", "uuid", "model")
 PROCESS_TAGS = ("model", "component")
@@ -154,6 +158,18 @@ class CpuReader:
         return self._process.cpu_percent(None) / self._cpus
 
 
+def serve_replica_capacity() -> int | None:
+    """``max_ongoing_requests`` of the Serve replica this process runs, None outside Serve.
+
+    Ray exports no metric for it, so the replica reports its own.
+    """
+    from ray.serve import context
+
+    replica = context._get_internal_replica_context()
+    config = getattr(replica, "_deployment_config", None)
+    return getattr(config, "max_ongoing_requests", None)
+
+
 class RayPublisher:
     """Sets the Ray gauges/counter from samples; Ray exports them with a ``ray_`` prefix."""
 
@@ -176,11 +192,16 @@ class RayPublisher:
                            tag_keys=PROCESS_TAGS)
         self._cpu = Gauge(PROCESS_CPU, description="process CPU use as a share of all logical CPUs, percent",
                           tag_keys=PROCESS_TAGS)
+        self._capacity = Gauge(REPLICA_CAPACITY, description="max_ongoing_requests of this Serve replica",
+                               tag_keys=PROCESS_TAGS)
         self._process_tags = {"model": model, "component": component}
+        self._max_ongoing = serve_replica_capacity()
 
     def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu_percent: float) -> None:
         self._nvml.set(1.0 if nvml_available else 0.0, tags=dict(self._process_tags))
         self._cpu.set(cpu_percent, tags=dict(self._process_tags))
+        if self._max_ongoing is not None:
+            self._capacity.set(float(self._max_ongoing), tags=dict(self._process_tags))
         for gpu in gpus:
             tags = {"gpu": str(gpu.index), "uuid": gpu.uuid, "model": self._model}
             values = {
