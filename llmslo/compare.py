@@ -57,11 +57,11 @@ class Row:
 
 
 def _num(value: float | int | None) -> str:
-    """Integers as published; measured floats to one decimal; missing as an em dash."""
+    """Integers (the seed's published values) as they are; measured floats to one decimal."""
     if value is None:
         return "—"
-    if isinstance(value, int) or float(value).is_integer():
-        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
     return f"{value:.1f}"
 
 
@@ -86,39 +86,61 @@ def reference_rows() -> list[Row]:
     ]
 
 
-def _summary_path(run: str) -> Path:
-    path = Path(run)
-    return path / "summary.json" if path.is_dir() else path
+def _ms(metric: dict[str, Any]) -> tuple[float, float | None]:
+    """Mean and standard deviation of a seconds metric, in ms."""
+    sd = metric.get("sd")
+    return metric["mean"] * 1000, None if sd is None else sd * 1000
 
 
-def run_row(summary: dict[str, Any], label: str | None = None) -> Row:
-    """The four seed numbers of one run, as its summary.json states them."""
-    table = summary["platform_table"]
+def run_row(summary: dict[str, Any], label: str, platform: dict[str, str]) -> Row:
+    """The seed's four numbers of one run, as its summary.json states them.
+
+    TTFT and ms/token are the mean ± sd over all successful requests
+    (``metrics.<name>.all``), max throughput is the best concurrency level's
+    output tokens/s over all streams, and the concurrency is the ``concurrency``
+    KPI: the highest level at which every client-side KPI held.
+    """
+    metrics = summary["metrics"]
+    throughputs = [lvl["output_tokens_per_s"] for lvl in summary["levels"] if lvl["output_tokens_per_s"]]
+    concurrency = summary["kpis"]["concurrency"]["value"]
     return Row(
-        platform=label or table["platform"],
-        gpus=table["gpus"],
-        ttft_ms=(table["ttft_ms"]["mean"], table["ttft_ms"]["sd"]),
-        ms_per_token=(table["ms_per_token"]["mean"], table["ms_per_token"]["sd"]),
-        max_throughput_tokens_s=table["max_throughput_tokens_s"],
-        max_concurrency=table["max_concurrency_meeting_slos"],
+        platform=label,
+        gpus=platform.get("gpus", "—"),
+        ttft_ms=_ms(metrics["ttft_seconds"]["all"]),
+        ms_per_token=_ms(metrics["tpot_seconds"]["all"]),
+        max_throughput_tokens_s=max(throughputs, default=None),
+        max_concurrency=None if concurrency is None else int(concurrency),
         reference=False,
     )
 
 
-def load_run(spec: str) -> Row:
-    """``PATH`` or ``LABEL=PATH``; PATH is a report folder or its summary.json."""
-    label, _, path = spec.rpartition("=") if "=" in spec else (None, "", spec)
-    summary_file = _summary_path(path)
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise SystemExit(f"llmslo compare: cannot read {summary_file}: {exc.strerror}") from exc
+        raise SystemExit(f"llmslo compare: cannot read {path}: {exc.strerror}") from exc
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"llmslo compare: {summary_file} is not JSON: {exc}") from exc
+        raise SystemExit(f"llmslo compare: {path} is not JSON: {exc}") from exc
+
+
+def load_run(spec: str) -> Row:
+    """``PATH`` or ``LABEL=PATH``; PATH is a report folder or its summary.json.
+
+    The platform (engine, GPUs) comes from the ``platform.json`` that
+    ``llmslo demo`` writes beside the summary, when there is one.
+    """
+    label, _, path_text = spec.rpartition("=")
+    path = Path(path_text)
+    folder = path if path.is_dir() else path.parent
+    summary_file = path / "summary.json" if path.is_dir() else path
+    summary = _read_json(summary_file)
+    platform_file = folder / "platform.json"
+    platform = _read_json(platform_file) if platform_file.exists() else {}
+    label = label or platform.get("platform") or folder.name
     try:
-        return run_row(summary, label or None)
+        return run_row(summary, label, platform)
     except (KeyError, TypeError) as exc:
-        raise SystemExit(f"llmslo compare: {summary_file} lacks the platform table field {exc}") from exc
+        raise SystemExit(f"llmslo compare: {summary_file} lacks field {exc} (not a load-test summary?)") from exc
 
 
 def to_markdown(rows: list[Row]) -> str:

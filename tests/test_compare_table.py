@@ -21,15 +21,17 @@ SEED_LINES = [
 
 @pytest.fixture
 def sample_summary() -> dict:
+    """The parts of loadtest's summary.json that compare reads (docs/loadtest.md)."""
     return {
-        "platform_table": {
-            "platform": "sim",
-            "gpus": "none (simulated)",
-            "ttft_ms": {"mean": 101.25, "sd": 7.5},
-            "ms_per_token": {"mean": 12.0, "sd": 1.25},
-            "max_throughput_tokens_s": 640.5,
-            "max_concurrency_meeting_slos": 16,
-        }
+        "metrics": {
+            "ttft_seconds": {"all": {"count": 40, "mean": 0.10125, "sd": 0.0075}},
+            "tpot_seconds": {"all": {"count": 40, "mean": 0.012, "sd": 0.00125}},
+        },
+        "levels": [
+            {"level": 8, "output_tokens_per_s": 320.0},
+            {"level": 16, "output_tokens_per_s": 640.5},
+        ],
+        "kpis": {"concurrency": {"value": 16.0}},
     }
 
 
@@ -49,7 +51,7 @@ def test_a_run_lands_next_to_the_seed(tmp_path: Path, sample_summary: dict) -> N
     assert compare.main([f"laptop sim={run}", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
     assert lines[2:6] == SEED_LINES
-    assert lines[6].startswith("| **laptop sim** |")
+    assert lines[6] == "| **laptop sim** | — | 101.2 ± 7.5 | 12.0 ± 1.2 | 640.5 | 16 |"
 
 
 def test_unreadable_run_is_a_clear_error(tmp_path: Path) -> None:
