@@ -1,0 +1,189 @@
+"""The transformers engine on CPU with a tiny random-weight GLM-4: streaming, counts,
+cancellation, OOM recovery and local-checkpoint loading, through the library's real
+continuous-batching thread (only the CUDA OOM is injected: no GPU here to run out of)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+if os.environ.get("LLMSLO_REQUIRE_SYSTEM_DEPS") != "1":  # CI must have the gpu extra; a laptop may skip
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from serve.engines import synthetic_glm  # noqa: E402
+from serve.engines.base import (  # noqa: E402
+    Delta,
+    Engine,
+    EngineError,
+    EngineOOMError,
+    Finish,
+    GenerationRequest,
+    Message,
+)
+from serve.engines.transformers import TransformersEngine  # noqa: E402
+
+TINY = {
+    "synthetic_preset": "tiny",
+    "gpus_per_replica": 0,
+    "dtype": "float32",
+    "kv_cache_gib": 0.002,  # 512 B of K+V per token in the tiny model: 256 blocks of 16 tokens
+    "block_size": 16,
+    "max_batch_tokens": 128,
+}
+
+
+def request(rid: str, prompt_tokens: int = 24, max_tokens: int = 10, **kw) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=rid,
+        messages=(Message(role="user", text="describe the screen and tap the button"),),
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        **kw,
+    )
+
+
+@pytest.fixture
+def run():
+    """Run coroutines on one event loop for the whole test (the engine's callbacks are bound to it)."""
+    loop = asyncio.new_event_loop()
+    yield lambda coro: loop.run_until_complete(asyncio.wait_for(coro, timeout=120))
+    loop.close()
+
+
+@pytest.fixture
+def engine(run):
+    eng = TransformersEngine(TINY)
+    run(eng.start())
+    yield eng
+    run(eng.stop())
+
+
+async def collect(eng: TransformersEngine, req: GenerationRequest) -> list[Delta | Finish]:
+    return [item async for item in eng.generate(req)]
+
+
+async def wait_idle(eng: TransformersEngine) -> None:
+    """Until the scheduler holds no request and every KV block is free again."""
+    while True:
+        stats = eng.stats()
+        if stats.running == 0 and stats.waiting == 0 and stats.kv_cache_usage == 0.0:
+            return
+        await asyncio.sleep(0.02)
+
+
+def test_protocol_and_synthetic_label(engine):
+    assert isinstance(engine, Engine)
+    assert engine.name == "transformers"
+    assert engine.synthetic_weights is True
+
+
+def test_streams_deltas_then_finish_with_counts(engine, run):
+    items = run(collect(engine, request("a", prompt_tokens=30, max_tokens=9)))
+    *deltas, finish = items
+    assert all(isinstance(d, Delta) for d in deltas) and isinstance(finish, Finish)
+    assert len(deltas) >= 2  # streamed, not one final blob
+    assert sum(d.tokens for d in deltas) == finish.completion_tokens == 9
+    assert finish.prompt_tokens == 30  # synthetic prompt sized to the API layer's count
+    assert finish.reason == "length"
+    text = "".join(d.content for d in deltas)
+    assert len(text.split()) == 9  # one word per generated token
+
+
+def test_concurrent_requests_are_batched_and_all_finish(engine, run):
+    async def many():
+        return await asyncio.gather(*(collect(engine, request(f"c{i}", max_tokens=5 + i)) for i in range(8)))
+
+    results = run(many())
+    assert [r[-1].completion_tokens for r in results] == [5 + i for i in range(8)]
+    run(wait_idle(engine))
+
+
+def test_closing_the_stream_cancels_and_frees_the_slot(engine, run):
+    async def open_then_close():
+        stream = engine.generate(request("long", max_tokens=5000, prompt_tokens=40))
+        got = [await anext(stream), await anext(stream)]
+        assert engine.stats().running == 1 and engine.stats().kv_cache_usage > 0
+        await stream.aclose()  # what the API layer does on client disconnect
+        await wait_idle(engine)
+        return got
+
+    assert all(isinstance(d, Delta) for d in run(open_then_close()))
+    # the freed engine still serves
+    assert run(collect(engine, request("after", max_tokens=3)))[-1].completion_tokens == 3
+
+
+def test_cancelling_the_consumer_task_cancels_the_request(engine, run):
+    async def cancel_midway():
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(request("task", max_tokens=5000)):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await wait_idle(engine)
+
+    run(cancel_midway())
+
+
+def test_cuda_oom_is_engine_oom_and_engine_recovers(engine, run):
+    model = engine.model
+    real_forward = model.forward
+    calls = {"n": 0}
+
+    def oom_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_forward(*args, **kwargs)
+
+    model.forward = oom_once
+    try:
+        with pytest.raises(EngineOOMError, match="out of memory"):
+            run(collect(engine, request("oom", max_tokens=4)))
+        assert engine.oom_events == 1
+        items = run(collect(engine, request("next", max_tokens=4)))
+        assert items[-1] == Finish("length", 24, 4, 0)
+        run(engine.check_health())
+    finally:
+        model.forward = real_forward
+
+
+def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
+    cfg = synthetic_glm.build_config("tiny")
+    model = synthetic_glm.build_model(cfg, [torch.device("cpu")], torch.float32)
+    tokenizer = synthetic_glm.build_tokenizer(cfg)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    eng = TransformersEngine({**TINY, "model_path": str(tmp_path)})
+    run(eng.start())
+    try:
+        assert eng.synthetic_weights is False
+        req = request("ckpt", max_tokens=6, ignore_eos=True)
+        ids = eng.prompt_ids(req)
+        assert tokenizer.decode(ids).startswith("w")  # unknown words map to an ordinary id
+        assert len(ids) == len("user describe the screen and tap the button assistant".split())
+        finish = run(collect(eng, req))[-1]
+        assert (finish.prompt_tokens, finish.completion_tokens) == (len(ids), 6)
+    finally:
+        run(eng.stop())
+
+
+def test_bad_config_and_memory_budget_are_refused(run):
+    with pytest.raises(ValueError, match="no_such_key"):
+        TransformersEngine({"no_such_key": 1})
+    with pytest.raises(ValueError, match="unknown synthetic preset"):
+        run(TransformersEngine({**TINY, "synthetic_preset": "nope"}).start())
+    with pytest.raises(EngineError, match="gpu_memory_limit_gib"):
+        run(TransformersEngine({**TINY, "gpu_memory_limit_gib": 0.0001}).start())
