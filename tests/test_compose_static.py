@@ -223,5 +223,5 @@ def test_dockerfile_installs_the_package_as_the_readme_does() -> None:
     block = re.search(r"<!-- main-command -->\n```bash\n(.*?)\n```", readme, re.S)
     assert block, "README lost its main-command block"
     runs = [line[4:] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("RUN ")]
-    installs = [_pip_install_args(r) for r in runs if "pip install" in r]
-    assert installs == [_pip_install_args(block.group(1))]
+    installs = [_pip_install_args(r) for r in runs if r.startswith("pip install")]
+    assert installs == [_pip_install_args(block.group(1))], "the base install must be the README's"
