@@ -57,7 +57,7 @@ def run():
 
 @pytest.fixture
 def engine(run):
-    eng = TransformersEngine(TINY)
+    eng = TransformersEngine("tiny-glm", **TINY)
     run(eng.start())
     yield eng
     run(eng.stop())
@@ -78,7 +78,7 @@ async def wait_idle(eng: TransformersEngine) -> None:
 
 def test_protocol_and_synthetic_label(engine):
     assert isinstance(engine, Engine)
-    assert engine.name == "transformers"
+    assert engine.name == "transformers" and engine.model_id == "tiny-glm"
     assert engine.synthetic_weights is True
 
 
@@ -166,7 +166,7 @@ def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
-    eng = TransformersEngine({**TINY, "model_path": str(tmp_path)})
+    eng = TransformersEngine("tiny-glm", **TINY, model_path=str(tmp_path))
     run(eng.start())
     try:
         assert eng.synthetic_weights is False
@@ -182,8 +182,8 @@ def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
 
 def test_bad_config_and_memory_budget_are_refused(run):
     with pytest.raises(ValueError, match="no_such_key"):
-        TransformersEngine({"no_such_key": 1})
+        TransformersEngine("m", no_such_key=1)
     with pytest.raises(ValueError, match="unknown synthetic preset"):
-        run(TransformersEngine({**TINY, "synthetic_preset": "nope"}).start())
+        run(TransformersEngine("m", **{**TINY, "synthetic_preset": "nope"}).start())
     with pytest.raises(EngineError, match="gpu_memory_limit_gib"):
-        run(TransformersEngine({**TINY, "gpu_memory_limit_gib": 0.0001}).start())
+        run(TransformersEngine("m", **{**TINY, "gpu_memory_limit_gib": 0.0001}).start())

@@ -49,18 +49,18 @@ class TransformersEngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_id: str = "autoglm-phone-9b"
     model_path: str | None = None  # local checkpoint folder; None = synthetic weights
     synthetic_preset: str = "glm-4-9b"
     synthetic_overrides: dict[str, Any] = Field(default_factory=dict)
-    gpus_per_replica: int = Field(1, ge=0)  # 0 = CPU (tests); >1 splits the layers over the GPUs
+    # None: every GPU this process sees (Ray exposes exactly the replica's); 0 = CPU; >1 splits the layers
+    gpus_per_replica: int | None = Field(None, ge=0)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: str = "paged|sdpa"
     kv_cache_gib: float = Field(4.0, gt=0)  # KV-cache budget per replica (all its GPUs together)
     block_size: int = Field(256, ge=4)
     max_batch_tokens: int = Field(2048, gt=0)  # tokens per forward pass (prefill chunks + decodes)
     max_requests_per_batch: int = Field(32, gt=0)
-    cuda_graphs: bool | None = None  # None: on with one GPU, off when layers span several
+    cuda_graphs: bool = True  # on a one-GPU replica; always off when the layers span several GPUs
     async_batching: bool | None = None  # None: the library decides
     compile_level: int = Field(0, ge=0, le=3)  # the library's default_compile_level
     prefix_caching: bool = False  # off: every request pays its full prefill, as the benchmark assumes
@@ -74,9 +74,10 @@ class TransformersEngine:
 
     name = "transformers"
 
-    def __init__(self, config: dict[str, Any] | TransformersEngineConfig | None = None) -> None:
-        self.config = TransformersEngineConfig.model_validate(config or {})
-        self.model_id = self.config.model_id
+    def __init__(self, model_id: str, **options: Any) -> None:
+        """``options`` are serve/config.yaml's ``engine_options`` (fields of TransformersEngineConfig)."""
+        self.config = TransformersEngineConfig.model_validate(options)
+        self.model_id = model_id
         self.synthetic_weights = self.config.model_path is None
         self.oom_events = 0  # CUDA OOMs caught since start (the API layer counts them from the raised errors)
         self.model: torch.nn.Module | None = None
@@ -111,6 +112,7 @@ class TransformersEngine:
     def _devices(self) -> list[torch.device]:
         """The replica's GPUs as this process sees them (Ray sets CUDA_VISIBLE_DEVICES), or the CPU."""
         n = self.config.gpus_per_replica
+        n = torch.cuda.device_count() if n is None else n
         if n == 0:
             return [torch.device("cpu")]
         if torch.cuda.device_count() < n:
@@ -156,15 +158,17 @@ class TransformersEngine:
     def _new_manager(self) -> ContinuousBatchingManager:
         """A started continuous-batching manager over the loaded model, sized by the config."""
         c = self.config
-        multi_gpu = c.gpus_per_replica > 1
-        cuda_graphs = c.cuda_graphs if c.cuda_graphs is not None else (c.gpus_per_replica == 1)
+        devices = {p.device for p in self.model.parameters()}
+        multi_gpu = len(devices) > 1
+        on_gpu = all(d.type == "cuda" for d in devices)
+        cuda_graphs = on_gpu and not multi_gpu and c.cuda_graphs is not False
         cb = ContinuousBatchingConfig(
             block_size=c.block_size,
             num_blocks=self._kv_blocks(),
             max_batch_tokens=c.max_batch_tokens,
             max_requests_per_batch=c.max_requests_per_batch,
             allow_block_sharing=c.prefix_caching,
-            use_cuda_graph=cuda_graphs and not multi_gpu,
+            use_cuda_graph=cuda_graphs,
             use_async_batching=c.async_batching,
             default_compile_level=c.compile_level,
             seed=c.seed,
@@ -180,7 +184,7 @@ class TransformersEngine:
         manager.batch_processor = manager._create_batch_processor()
         if multi_gpu:
             _place_cache_with_layers(manager.batch_processor.cache, self.model)
-        if c.warmup and torch.cuda.is_available() and c.gpus_per_replica > 0:
+        if c.warmup and on_gpu:
             manager.warmup()
         manager.start()
         return manager
