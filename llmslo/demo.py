@@ -1,0 +1,250 @@
+"""``llmslo demo``: the whole job in one command, on any machine.
+
+Brings up the embedded stack (:mod:`llmslo.stack`: Ray Serve with the
+simulated engine unless told otherwise, Prometheus and Alertmanager when
+installed), runs the load test for a bounded time — the seed's benchmark shape
+(512 prompt / 256 output tokens, the multimodal mix) stepping through the
+concurrency levels of slo.yaml and on to twice the concurrency target — shows
+progress and the live KPI table while it runs, then prints the verdict and the
+report folder and exits non-zero when an SLO failed.
+
+The load test is the project's Locust file started with ``--autostart``: the
+same code as ``locust -f loadtest/``, with its web UI on a loopback port so the
+live KPI rows (``/slo.json``) and Locust's own stats can be polled. Every KPI
+number comes from the load test's report; this module only adds the server's
+and GPUs' metrics over the run (``server_metrics.json``, queried from
+Prometheus) and ``platform.json`` (engine, weights, GPUs) for ``llmslo compare``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from llmslo import stack
+from llmslo.slo import SLOConfig, load_slo
+
+STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "NOT MEASURED": "yellow"}
+
+
+def default_steps(slo: SLOConfig) -> list[int]:
+    """The seed's concurrency levels (slo.yaml benchmark) and then twice the target."""
+    return sorted(set(slo.benchmark.concurrency) | {2 * slo.concurrency_target})
+
+
+def locust_service(ports: stack.Ports, report_dir: Path, steps: list[int], step_s: float,
+                   extra: list[str]) -> stack.Service:
+    """The load test, started at once with its web UI on loopback; it quits when the ramp ends."""
+    return stack.Service(
+        "locust",
+        [sys.executable, "-m", "locust", "-f", str(stack.ROOT / "loadtest"),
+         "--host", f"http://127.0.0.1:{ports.serve}",
+         "--web-host", "127.0.0.1", "--web-port", str(ports.locust),
+         "--autostart", "--autoquit", "0",
+         "--step-users", ",".join(map(str, steps)), "--step-duration", f"{step_s:g}",
+         "--report-dir", str(report_dir),
+         "--server-metrics-url", f"http://127.0.0.1:{ports.ray_metrics}/metrics",
+         *extra],
+        ready_url=f"http://127.0.0.1:{ports.locust}/",
+        url=f"http://127.0.0.1:{ports.locust}",
+    )
+
+
+def _get_json(url: str, **params: Any) -> Any:
+    try:
+        response = httpx.get(url, params=params or None, timeout=5.0)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def kpi_table(rows: list[dict], title: str) -> Table:
+    """The load test's KPI rows (loadtest._report.kpi_rows) as a rich table."""
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("KPI", "left"), ("value", "right"), ("target", "right"),
+                            ("result", "left"), ("samples", "right"), ("note", "left")):
+        table.add_column(column, justify=justify)
+    for r in rows:
+        status = str(r.get("status", ""))
+        table.add_row(str(r.get("kpi", "")), str(r.get("value", "")), str(r.get("target", "")),
+                      f"[{STATUS_STYLE.get(status, '')}]{status}[/]", str(r.get("samples", "")),
+                      str(r.get("note", "")))
+    return table
+
+
+def watch(locust: stack.Service, the_stack: stack.Stack, steps: list[int], step_s: float,
+          console: Console) -> int:
+    """Progress bar and live KPI table until the load test exits; returns its exit code."""
+    total = len(steps) * step_s
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                        TextColumn("/ ~"), TimeRemainingColumn(), console=console)
+    task = progress.add_task("load test starting", total=total)
+    started = time.monotonic()
+    rows: list[dict] = []
+    with Live(Group(progress), console=console, refresh_per_second=2, transient=False) as live:
+        while locust.proc.poll() is None:
+            the_stack.watch()
+            elapsed = min(time.monotonic() - started, total)
+            stats = _get_json(f"{locust.url}/stats/requests") or {}
+            rows = _get_json(f"{locust.url}/slo.json") or rows
+            step = min(int(elapsed // step_s), len(steps) - 1)
+            progress.update(task, completed=elapsed, description=(
+                f"step {step + 1}/{len(steps)}: {stats.get('user_count', steps[step])} streams, "
+                f"{stats.get('total_rps', 0):.1f} req/s, {stats.get('fail_ratio', 0):.0%} failed"))
+            live.update(Group(progress, kpi_table(rows, "live KPIs (exact, over the run so far)")))
+            time.sleep(1.0)
+        progress.update(task, completed=total, description="load test finished")
+        live.update(Group(progress))
+    return locust.proc.returncode
+
+
+def _series_queries() -> dict[str, str]:
+    """PromQL for the server and GPU snapshot, built from serve/'s exported names."""
+    from serve import metrics as m
+    from serve import telemetry as t
+
+    gpu = lambda name: m.PREFIX + name  # noqa: E731 (telemetry names are unprefixed)
+    return {
+        "requests_in_flight": f"sum({m.IN_FLIGHT})",
+        "requests_per_s_by_status": f"sum by (status) (rate({m.REQUESTS}[30s]))",
+        "completion_tokens_per_s": f"sum(rate({m.COMPLETION_TOKENS}[30s]))",
+        "server_ttft_p95_s_bucketed": f"histogram_quantile(0.95, sum by (le) (rate({m.TTFT}_bucket[30s])))",
+        "queue_wait_p95_s_bucketed": f"histogram_quantile(0.95, sum by (le) (rate({m.QUEUE_WAIT}_bucket[30s])))",
+        "kv_cache_usage_ratio": f"max({m.KV_CACHE_USAGE})",
+        "oom_events_total": f"sum({m.OOM_EVENTS})",
+        "replica_crashes_total": f"sum({m.REPLICA_CRASHES})",
+        "process_cpu_percent": f"max by (component) ({gpu(t.PROCESS_CPU)})",
+        "gpu_memory_used_bytes": f"sum by (gpu) ({gpu(t.GPU_MEMORY_USED)})",
+        "gpu_utilization_ratio": f"max by (gpu) ({gpu(t.GPU_UTILIZATION)})",
+        "gpu_power_watts": f"max by (gpu) ({gpu(t.GPU_POWER)})",
+        "nvml_available": f"max({gpu(t.NVML_AVAILABLE)})",
+    }
+
+
+def snapshot(prometheus_url: str, start: float, end: float, step_s: float = 5.0) -> dict[str, Any]:
+    """Every snapshot series over [start, end] from Prometheus' range API (Unix times)."""
+    out: dict[str, Any] = {"source": prometheus_url, "start": start, "end": end, "step_s": step_s,
+                           "note": "server-side, from Prometheus; *_bucketed are histogram estimates, "
+                                   "not the verdict (see summary.json)", "series": {}}
+    for name, query in _series_queries().items():
+        data = _get_json(f"{prometheus_url}/api/v1/query_range",
+                         query=query, start=start, end=end, step=step_s) or {}
+        out["series"][name] = {"query": query, "result": data.get("data", {}).get("result", [])}
+    return out
+
+
+def platform(prometheus_url: str | None, ray_metrics_url: str) -> dict[str, str]:
+    """Engine, weights and GPUs of the server, for ``llmslo compare``'s platform column."""
+    from serve import metrics as m
+    from serve import telemetry as t
+
+    if prometheus_url:
+        query = f"{prometheus_url}/api/v1/query"
+        build = (_get_json(query, query=m.BUILD_INFO) or {}).get("data", {}).get("result", [])
+        gpus = (_get_json(query, query=m.PREFIX + t.GPU_MEMORY_TOTAL) or {}).get("data", {}).get("result", [])
+        labels = build[0]["metric"] if build else {}
+        gpu_names = sorted({g["metric"].get("gpu", "") for g in gpus})
+    else:
+        labels, gpu_names = {}, []
+    engine = labels.get("engine", "unknown")
+    return {
+        "platform": f"this machine ({engine}{', ' + labels['weights'] + ' weights' if 'weights' in labels else ''})",
+        "engine": engine,
+        "weights": labels.get("weights", "unknown"),
+        "gpus": ", ".join(gpu_names) if gpu_names else "none (CPU)",
+        "metrics_url": ray_metrics_url,
+    }
+
+
+def _parser(slo: SLOConfig) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmslo demo",
+        description="Start the stack, run a bounded load test, print the SLO verdict and the report folder.",
+    )
+    steps = ",".join(map(str, default_steps(slo)))
+    parser.add_argument("--step-users", default=steps,
+                        help="concurrent streams of each step (default: %(default)s)")
+    parser.add_argument("--step-duration", type=float, default=20.0,
+                        help="seconds per step (default: %(default)s)")
+    parser.add_argument("--report-dir", type=Path, help="report folder (default: reports/demo-<time>)")
+    parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for `llmslo serve` (repeatable)")
+    parser.add_argument("--locust-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for the load test (repeatable), e.g. --locust-arg=--mix=text=1")
+    return parser
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    steps = [int(s) for s in args.step_users.split(",")]
+    report_dir = (args.report_dir or stack.default_run_dir("demo")).resolve()
+    ports = stack.Ports.free()
+    the_plan = stack.plan(ports, report_dir / "stack", locust_ui=False, grafana=False,
+                          serve_args=args.serve_arg)
+    for line in the_plan.missing:
+        console.print(f"[yellow]llmslo demo: {line}[/]")
+    locust = locust_service(ports, report_dir, steps, args.step_duration, args.locust_arg)
+    the_stack = stack.Stack([*the_plan.services, locust], report_dir / "stack")
+    prometheus = next((s.url for s in the_plan.services if s.name == "prometheus"), None)
+    with console.status("starting the model server, Prometheus, Alertmanager and the load test…"):
+        the_stack.start()
+    try:
+        console.print(f"stack up; load test: {', '.join(map(str, steps))} streams, "
+                      f"{args.step_duration:g} s each (watch it live at {locust.url})")
+        start = time.time()
+        code = watch(locust, the_stack, steps, args.step_duration, console)
+        end = time.time()
+        with console.status("saving the server and GPU metrics of the run…"):
+            if prometheus:
+                time.sleep(6.0)  # one more Ray export + Prometheus scrape covers the last seconds
+                (report_dir / "server_metrics.json").write_text(
+                    json.dumps(snapshot(prometheus, start, end), indent=1))
+            (report_dir / "platform.json").write_text(
+                json.dumps(platform(prometheus, f"http://127.0.0.1:{ports.ray_metrics}/metrics"), indent=1))
+    finally:
+        with console.status("stopping the stack…"):
+            the_stack.stop()
+    return verdict(report_dir, code, console)
+
+
+def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
+    """Print the final KPI table from summary.json; the exit code is the load test's."""
+    from loadtest._report import kpi_rows
+
+    summary_file = report_dir / "summary.json"
+    if not summary_file.exists():
+        console.print(f"[bold red]llmslo demo: the load test wrote no summary (exit {locust_code}); "
+                      f"see {report_dir / 'stack' / 'logs' / 'locust.log'}[/]")
+        return locust_code or 2
+    summary = json.loads(summary_file.read_text())
+    console.print(kpi_table(kpi_rows(summary["kpis"]), f"SLO verdict: {summary['verdict']}"))
+    if not summary["validity"]["valid"]:
+        console.print(f"[yellow]run invalid: {'; '.join(summary['validity']['reasons'])}[/]")
+    console.print(f"report: {report_dir}  (report.html, summary.json, requests.jsonl, server_metrics.json)")
+    return locust_code
+
+
+def main(argv: list[str]) -> int:
+    console = Console()
+    args = _parser(load_slo()).parse_args(argv)
+    stack.stop_on_sigterm()
+    started = time.monotonic()
+    try:
+        code = run(args, console)
+    except stack.StackError as exc:
+        console.print(f"[bold red]llmslo demo: {exc}[/]")
+        return 2
+    except KeyboardInterrupt:
+        console.print("llmslo demo: interrupted; stack stopped")
+        return 130
+    console.print(f"demo wall time: {time.monotonic() - started:.0f} s; exit code {code}")
+    return code
