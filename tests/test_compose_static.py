@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from llmslo.slo import load_slo
+from llmslo.stack import Ports, prometheus_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -161,6 +162,18 @@ def test_prometheus_targets_are_services(compose: dict[str, Any]) -> None:
     rules_dir = ROOT / rules_mount.split(":")[0]
     assert config["rule_files"] == ["/etc/prometheus/rules/*.yml"]
     assert list(rules_dir.glob("*.yml")), f"no rule files in {rules_dir}"
+
+
+def test_compose_prometheus_config_is_the_one_llmslo_up_writes() -> None:
+    ports = Ports()
+    expected = prometheus_config(
+        ray=f"serve:{ports.ray_metrics}",
+        prometheus=f"localhost:{ports.prometheus}",
+        rule_files=["/etc/prometheus/rules/*.yml"],
+        alertmanager=f"alertmanager:{ports.alertmanager}",
+        locust=f"locust-master:{ports.locust}",
+    )
+    assert yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text()) == expected
 
 
 def test_grafana_datasources_point_at_prometheus(compose: dict[str, Any]) -> None:
