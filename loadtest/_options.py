@@ -1,0 +1,89 @@
+"""The load test's custom Locust arguments and their validation.
+
+All of them appear in the web UI's start form (Locust custom arguments), so
+defaults are typed values, never None: the form re-types what it sends back by
+the default's type. 0 / "" mean "take it from slo.yaml" where noted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmslo.slo import DEFAULT_PATH, SLOConfig, SLOFileError, load_slo
+from loadtest._traffic import Mix, TrafficError
+
+
+class OptionError(ValueError):
+    """An invalid option; the message is one line."""
+
+
+def add_arguments(parser) -> None:
+    """Register the custom arguments on Locust's parser (init_command_line_parser)."""
+    g = parser  # Locust's parser (not a group) understands include_in_web_ui
+    g.add_argument("--slo-file", default=str(DEFAULT_PATH), help="slo.yaml with the KPI targets")
+    g.add_argument("--model", default="", help="model id to request (default: service.model of slo.yaml)")
+    g.add_argument("--mix", default="text=5,image=3,audio=2", help="traffic class weights CLASS=W,... (text, image, audio)")
+    g.add_argument("--thinking-share", type=float, default=0.3, help="share of long requests sent with enable_thinking")
+    g.add_argument("--short-share", type=float, default=0.25,
+                   help="share of requests asking for a short reply (benchmark.short_reply_max_tokens), judged by the e2e KPI")
+    g.add_argument("--input-tokens", type=int, default=0, help="prompt length in tokens (0: benchmark.input_tokens)")
+    g.add_argument("--output-tokens", type=int, default=0, help="reply length in tokens (0: benchmark.output_tokens)")
+    g.add_argument("--length-spread", type=float, default=0.0, help="lengths drawn uniformly within ±this fraction")
+    g.add_argument("--images-max", type=int, default=2, help="images per image request: 1..N")
+    g.add_argument("--image-min-px", type=int, default=224, help="smallest image side in pixels")
+    g.add_argument("--image-max-px", type=int, default=1344, help="largest image side in pixels")
+    g.add_argument("--audio-min-s", type=float, default=1.0, help="shortest audio clip in seconds")
+    g.add_argument("--audio-max-s", type=float, default=10.0, help="longest audio clip in seconds")
+    g.add_argument("--prompts-file", default="", help="JSONL of real prompts ({'prompt'|'messages', 'max_tokens'?})")
+    g.add_argument("--request-timeout", type=float, default=120.0, help="whole-request limit in seconds")
+    g.add_argument("--stall-timeout", type=float, default=30.0, help="fail a stream after this many seconds without a byte")
+    g.add_argument("--arrival-rate", type=float, default=0.0, help="open loop: requests/s over all users (0: closed loop)")
+    g.add_argument("--arrival", choices=["poisson", "constant"], default="poisson", help="open-loop inter-arrival law")
+    g.add_argument("--step-users", default="", help="step ramp: comma list of user counts, e.g. 1,2,4,8,16 ('' : fixed -u)")
+    g.add_argument("--step-duration", type=float, default=30.0, help="seconds per step of the ramp")
+    g.add_argument("--report-dir", default="", help="report folder (default reports/<UTC time>)")
+    g.add_argument("--server-metrics-url", default="", help="server's Prometheus endpoint for OOM/crash/GPU/CPU KPIs")
+    g.add_argument("--client-metrics-port", type=int, default=0, include_in_web_ui=False,
+                   help="serve client-side Prometheus metrics on this port (web UI always has /metrics)")
+    g.add_argument("--max-worker-cpu", type=float, default=90.0, help="generator CPU p90 above this marks the run invalid")
+    g.add_argument("--max-loop-lag-ms", type=float, default=20.0, help="gevent loop lag p99 above this marks the run invalid")
+    g.add_argument("--max-schedule-lag-ms", type=float, default=100.0, help="open-loop lag p99 above this marks the run invalid")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the traffic mix (per user: seed + user number)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings derived from options and slo.yaml."""
+
+    slo: SLOConfig
+    mix: Mix
+    steps: tuple[int, ...]
+
+
+def settings(opts) -> Settings:
+    """Load slo.yaml and validate every option; raise OptionError/SLOFileError with one line."""
+    slo = load_slo(opts.slo_file)
+    bench = slo.benchmark
+    opts.input_tokens = opts.input_tokens or bench.input_tokens
+    opts.output_tokens = opts.output_tokens or bench.output_tokens
+    try:
+        mix = Mix.from_options(opts, bench.short_reply_max_tokens, slo.service.model)
+    except TrafficError as exc:
+        raise OptionError(str(exc)) from None
+    for name in ("request_timeout", "stall_timeout", "step_duration"):
+        if getattr(opts, name) <= 0:
+            raise OptionError(f"--{name.replace('_', '-')} must be > 0")
+    if opts.arrival_rate < 0:
+        raise OptionError("--arrival-rate must be >= 0")
+    try:
+        steps = tuple(int(s) for s in str(opts.step_users).split(",") if s.strip())
+    except ValueError:
+        raise OptionError(f"--step-users: expected comma-separated integers, got {opts.step_users!r}") from None
+    if any(s < 1 for s in steps) or list(steps) != sorted(steps):
+        raise OptionError("--step-users: user counts must be >= 1 and increasing")
+    if opts.server_metrics_url and not str(opts.server_metrics_url).startswith(("http://", "https://")):
+        raise OptionError("--server-metrics-url must be an http(s) URL")
+    return Settings(slo, mix, steps)
+
+
+__all__ = ["OptionError", "SLOFileError", "Settings", "add_arguments", "settings"]

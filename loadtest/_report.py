@@ -1,0 +1,156 @@
+"""Write the report folder: summary.json, requests.jsonl/csv, report.html; print the KPI table."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CSV_SKIP = ("itl_s",)
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if unit == "s":
+        return f"{value * 1000:.1f} ms"
+    if unit == "ratio":
+        return f"{value:.2%}"
+    return f"{value:.4g} {unit}".strip()
+
+
+def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
+    """Rows (strings) shared by the console table, the web UI tab and the HTML report."""
+    rows = []
+    for name, k in kpis.items():
+        status = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[k["pass"]]
+        rows.append(
+            {
+                "kpi": name,
+                "title": k["title"],
+                "value": fmt(k["value"], k["unit"]),
+                "target": f"{k['op']} {fmt(k['target'], k['unit'])}",
+                "status": status,
+                "samples": "" if k["samples"] is None else str(k["samples"]),
+                "note": k["note"],
+            }
+        )
+    return rows
+
+
+def console_table(summary: dict) -> str:
+    """The verdict as fixed-width text."""
+    rows = kpi_rows(summary["kpis"])
+    head = f"{'KPI':<26} {'value':>14} {'target':>16} {'result':>13}  note"
+    lines = ["", f"SLO verdict: {summary['verdict']}  (run {'VALID' if summary['validity']['valid'] else 'INVALID'})", head]
+    lines.append("-" * len(head))
+    for r in rows:
+        lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['target']:>16} {r['status']:>13}  {r['note']}")
+    for reason in summary["validity"]["reasons"]:
+        lines.append(f"invalid: {reason}")
+    for err, n in summary["errors"].items():
+        lines.append(f"error x{n}: {err}")
+    lines.append(f"report: {summary['report_dir']}")
+    return "\n".join(lines)
+
+
+def write_report(folder: Path, summary: dict, records: list[dict]) -> None:
+    """Write every file of the report folder (created if needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with open(folder / "requests.jsonl", "w") as out:
+        for rec in records:
+            out.write(json.dumps(rec) + "\n")
+    with open(folder / "requests.csv", "w", newline="") as out:
+        fields = [k for k in (records[0] if records else {}) if k not in CSV_SKIP] + ["itl_count", "itl_max_s"]
+        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for rec in records:
+            writer.writerow({**rec, "itl_count": len(rec["itl_s"]), "itl_max_s": max(rec["itl_s"], default=None)})
+    (folder / "report.html").write_text(render_html(summary, records))
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _plots(summary: dict, records: list[dict]) -> list[str]:
+    ok = [r for r in records if r["ok"]]
+    kpis = summary["kpis"]
+    ttft_target = kpis["ttft_p95"]["target"]
+    tpot_target = 1.0 / kpis["decode_tokens_per_s_p10"]["target"]
+    t0 = min((r["start_wall"] for r in records), default=0.0)
+    classes = sorted({r["cls"] for r in ok})
+    figs = []
+    for field, target, label in (("ttft_s", ttft_target, "TTFT"), ("tpot_s", tpot_target, "TPOT")):
+        fig, (hist, line) = plt.subplots(1, 2, figsize=(12, 3.5))
+        for cls in classes:
+            vals = [r[field] * 1000 for r in ok if r["cls"] == cls and r[field] is not None]
+            if vals:
+                hist.hist(vals, bins=40, alpha=0.6, label=cls)
+                line.plot([r["start_wall"] - t0 for r in ok if r["cls"] == cls and r[field] is not None], vals, ".", label=cls)
+        hist.axvline(target * 1000, color="red", linestyle="--", label="target")
+        line.axhline(target * 1000, color="red", linestyle="--", label="target")
+        hist.set(title=f"{label} distribution", xlabel="ms", ylabel="requests")
+        line.set(title=f"{label} over time", xlabel="request start (s into run)", ylabel="ms")
+        hist.legend()
+        figs.append(_png(fig))
+    levels = summary["levels"]
+    if levels:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = [row["level"] for row in levels]
+        ax.plot(xs, [row["output_tokens_per_s"] or 0 for row in levels], "o-", label="output tokens/s (all streams)")
+        ax.set(title="Throughput vs concurrency", xlabel="concurrent users", ylabel="tokens/s")
+        ax2 = ax.twinx()
+        ax2.plot(xs, [row["achieved_concurrency"] or 0 for row in levels], "s--", color="gray", label="achieved")
+        ax2.set_ylabel("achieved concurrency")
+        ax.legend(loc="upper left")
+        figs.append(_png(fig))
+    return figs
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(summary: dict, records: list[dict]) -> str:
+    metric_rows = []
+    for metric, per_class in summary["metrics"].items():
+        for cls, d in per_class.items():
+            if d["count"]:
+                metric_rows.append(
+                    {"metric": metric, "class": cls, "count": d["count"]}
+                    | {k: f"{d[k]:.6g}" for k in ("mean", "p50", "p90", "p95", "p99")}
+                )
+    level_rows = [
+        {"level": r["level"], "requests": r["requests"], "achieved": fmt(r["achieved_concurrency"]), "passes": r["passes"]}
+        for r in summary["levels"]
+    ]
+    validity = summary["validity"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>llmslo load test</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style>
+</head><body><h1>SLO verdict: {html.escape(summary['verdict'])}</h1>
+<p>Run {'valid' if validity['valid'] else 'INVALID: ' + html.escape('; '.join(validity['reasons']))}.
+Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests, {summary['requests']['failed']} failed.</p>
+<h2>KPIs</h2>{_table(kpi_rows(summary['kpis']))}
+<h2>Concurrency levels</h2>{_table(level_rows)}
+<h2>Plots</h2>{''.join(_plots(summary, records))}
+<h2>Metrics (exact percentiles)</h2>{_table(metric_rows)}
+<h2>Errors</h2>{_table([{'error': e, 'count': n} for e, n in summary['errors'].items()])}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(summary['config'], indent=2, default=str))}</pre>
+</body></html>"""

@@ -1,0 +1,156 @@
+"""A ground-truth OpenAI-style SSE server whose emit times are known.
+
+Test and benchmark fixture for the load generator (not a model): every token
+chunk is written on a fixed schedule (first after ``--ttft``, then every
+``--itl`` seconds, on absolute deadlines so sleeps do not drift) and the
+monotonic time of each write is logged per ``X-Request-Id``. ``GET /truth``
+returns that log, so a test can compare the client's stamps with the server's.
+CLOCK_MONOTONIC is system-wide on Linux, so the two processes share a clock.
+
+``--mode`` makes it misbehave on purpose: http500, http400, midstream (an
+error event after a few tokens), malformed (a non-JSON data line), stall
+(stop writing), nodone (close without [DONE]).
+
+Run: ``python -m loadtest._truth_server --port 8123 --ttft 0.1 --itl 0.02``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+
+MODES = ("ok", "http500", "http400", "midstream", "malformed", "stall", "nodone")
+
+
+class TruthServer:
+    """The asyncio protocol logic; ``log`` maps request id -> {recv, emits, tokens}."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.log: dict[str, dict] = {}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await self._one_request(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        head = await reader.readuntil(b"\r\n\r\n")
+        recv = time.monotonic()
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = lines[0].split(" ", 2)
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+        body = await reader.readexactly(int(headers.get("content-length", 0)))
+        if method == "GET" and path == "/truth":
+            await self._send(writer, 200, "application/json", json.dumps(self.log).encode())
+            return True
+        if method == "GET" and path == "/healthz":
+            await self._send(writer, 200, "application/json", b'{"status": "ok"}')
+            return True
+        if path != "/v1/chat/completions":
+            await self._send(writer, 404, "application/json", _error("not found", "not_found"))
+            return True
+        return await self._stream(writer, json.loads(body), headers.get("x-request-id", ""), recv)
+
+    async def _send(self, writer, code: int, ctype: str, payload: bytes) -> None:
+        writer.write(
+            f"HTTP/1.1 {code} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+        )
+        await writer.drain()
+
+    async def _stream(self, writer, req: dict, rid: str, recv: float) -> bool:
+        a = self.args
+        if a.mode == "http500":
+            await self._send(writer, 500, "application/json", _error("engine exploded (truth server http500 mode)", "server_error"))
+            return True
+        if a.mode == "http400":
+            await self._send(writer, 400, "application/json", _error("max_tokens is too large (truth server)", "invalid_request_error"))
+            return True
+        tokens = int(req.get("max_tokens") or a.tokens)
+        entry = self.log[rid] = {"recv": recv, "emits": [], "tokens": tokens}
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = lambda obj: _chunked(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+        # role-only and empty chunks first: they must not count as the first token
+        writer.write(chunk(_delta({"role": "assistant"})) + chunk(_delta({"content": ""})))
+        await writer.drain()
+        reasoning = min(a.reasoning, tokens)
+        sent = 0
+        while sent < tokens:
+            deadline = recv + a.ttft + a.itl * (sent // a.tokens_per_chunk)
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            if a.mode == "stall" and sent >= 2:
+                await asyncio.sleep(3600)
+            if a.mode == "midstream" and sent >= 2:
+                writer.write(chunk({"error": {"message": "replica lost (truth server midstream mode)", "type": "server_error"}}))
+                break
+            if a.mode == "malformed" and sent >= 2:
+                writer.write(chunk(b"{not json"))
+                break
+            n = min(a.tokens_per_chunk, tokens - sent)
+            key = "reasoning_content" if sent < reasoning else "content"
+            entry["emits"].append(time.monotonic())
+            writer.write(chunk(_delta({key: "tok " * n})))
+            await writer.drain()
+            sent += n
+        else:
+            usage = {"prompt_tokens": 10, "completion_tokens": tokens + a.usage_offset, "total_tokens": 10 + tokens,
+                     "completion_tokens_details": {"reasoning_tokens": reasoning}}
+            writer.write(chunk({"id": rid, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+            if a.mode != "nodone":
+                writer.write(chunk(b"[DONE]"))
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        entry["end"] = time.monotonic()
+        return a.mode not in ("nodone", "midstream", "malformed")
+
+
+def _delta(delta: dict) -> dict:
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+
+
+def _chunked(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _error(message: str, kind: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ttft", type=float, default=0.1, help="seconds from request to first token")
+    p.add_argument("--itl", type=float, default=0.02, help="seconds between chunks")
+    p.add_argument("--tokens", type=int, default=16, help="reply length when the request has no max_tokens")
+    p.add_argument("--tokens-per-chunk", type=int, default=1, help="tokens packed into one SSE chunk")
+    p.add_argument("--usage-offset", type=int, default=0, help="misreport usage.completion_tokens by this much")
+    p.add_argument("--reasoning", type=int, default=0, help="first N tokens are reasoning_content")
+    p.add_argument("--mode", choices=MODES, default="ok")
+    p.add_argument("--cpu", type=int, default=-1, help="pin the server to this CPU core")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = TruthServer(args)
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", args.port, backlog=4096)
+    print(f"truth server listening on 127.0.0.1:{args.port}", flush=True)
+    async with srv:
+        await srv.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.cpu >= 0:
+        os.sched_setaffinity(0, {args.cpu})
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

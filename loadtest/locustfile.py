@@ -1,0 +1,158 @@
+"""llmslo load test: ``locust -f loadtest/ --host http://127.0.0.1:8000``.
+
+Streams OpenAI chat completions (text, image+text, audio+text; thinking on/off),
+measures each stream exactly (see docs/glossary.md) and judges the run against
+slo.yaml at stop. Locust loads every ``.py`` in this folder whose name does not
+start with ``_``: this is the only locustfile; the ``_*.py`` modules are helpers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+import uuid
+
+import gevent
+from locust import FastHttpUser, constant, events, task
+
+from loadtest import _run
+from loadtest._run import RUN
+from loadtest._shape import SLOShape
+from loadtest._sse import StreamError, StreamRecord, read_stream
+from loadtest._traffic import plan_request
+
+_run.register(events)
+_user_numbers = itertools.count()
+PATH = "/v1/chat/completions"
+SLO_EVENTS = (("TTFT", "ttft_s"), ("TTFO", "ttfo_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s"))
+
+
+class RequestTimeout(TimeoutError):
+    """The whole request exceeded --request-timeout (a TimeoutError so Locust's client treats it as a failure)."""
+
+
+@events.test_start.add_listener
+def _apply_timeouts(environment, **_kw) -> None:
+    """Users are created after test_start, with the socket timeout chosen for this run."""
+    ChatUser.network_timeout = environment.parsed_options.stall_timeout
+    ChatUser.connection_timeout = environment.parsed_options.stall_timeout
+
+
+class ChatUser(FastHttpUser):
+    """One simulated client: sends a streaming chat request, reads it to the end, repeats."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.rng = random.Random(f"{opts.seed}-{RUN.worker_id}-{next(_user_numbers)}")
+        self.next_at: float | None = None
+
+    @task
+    def chat(self) -> None:
+        planned = plan_request(RUN.settings.mix, self.rng, gevent.get_hub().threadpool)
+        rec = StreamRecord(
+            id=uuid.uuid4().hex, cls=planned.cls, thinking=planned.thinking, short=planned.short,
+            max_tokens=planned.max_tokens, worker=RUN.worker_id, request_bytes=len(planned.body),
+        )
+        rec.schedule_lag_s = self._wait_for_slot()
+        rec.level = RUN.level
+        self._send(rec, planned.body)
+        RUN.add(rec.as_dict())
+
+    def _wait_for_slot(self) -> float | None:
+        """Open loop: sleep until this user's next scheduled arrival; return how late we are."""
+        rate = self.environment.parsed_options.arrival_rate
+        if not rate:
+            return None
+        per_user = rate / max(1, RUN.target_users or self.environment.runner.user_count)
+        law = self.environment.parsed_options.arrival
+        gap = self.rng.expovariate(per_user) if law == "poisson" else 1.0 / per_user
+        now = time.perf_counter()
+        if self.next_at is None:  # random phase so constant-rate users do not fire in lockstep
+            self.next_at = now + (gap if law == "poisson" else self.rng.uniform(0, gap))
+        else:
+            self.next_at += gap
+        if self.next_at > now:
+            gevent.sleep(self.next_at - now)
+        return max(0.0, time.perf_counter() - self.next_at)
+
+    def _send(self, rec: StreamRecord, body: bytes) -> None:
+        opts = self.environment.parsed_options
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
+                   "Accept-Encoding": "identity", "X-Request-Id": rec.id}
+        rec.start_wall = time.time()
+        t0 = rec.start_mono = time.perf_counter()
+        with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):
+            with self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
+                                  name=f"chat [{rec.cls}]") as resp:
+                try:
+                    self._read(resp, rec, t0, opts.stall_timeout)
+                except RequestTimeout as exc:
+                    rec.error = str(exc)
+                except StreamError as exc:
+                    rec.error = str(exc)
+                except OSError as exc:  # socket timeout = no byte within --stall-timeout, resets, ...
+                    rec.error = _describe_error(exc, opts.stall_timeout)
+                resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
+                resp.request_meta["response_length"] = rec.response_bytes
+                if rec.ok:
+                    resp.success()
+                else:
+                    resp.failure(rec.error)
+        if rec.ok:
+            self._fire_slo_events(rec)
+
+    @staticmethod
+    def _read(resp, rec: StreamRecord, t0: float, stall_timeout: float) -> None:
+        error = getattr(resp, "error", None)
+        rec.status = resp.status_code or 0
+        if rec.status >= 400:
+            raise StreamError(f"HTTP {rec.status}: {_error_message(resp)}")
+        if error is not None:  # Locust's client caught a connection-level failure
+            raise StreamError(_describe_error(error, stall_timeout))
+        # FastResponse has no public line reader; its geventhttpclient response has readline()
+        raw = resp._response
+        read_stream(rec, lambda: raw.readline(b"\n"), t0)
+
+    def _fire_slo_events(self, rec: StreamRecord) -> None:
+        """Each KPI sample as a Locust request event, so the stock tables and charts show it."""
+        fire = self.environment.events.request.fire
+        for label, field in SLO_EVENTS:
+            value = getattr(rec, field)
+            if value is not None:
+                fire(request_type="SLO", name=f"{label} [{rec.cls}]", response_time=value * 1000,
+                     response_length=rec.output_tokens or 0, exception=None, context={})
+
+
+def _error_message(resp) -> str:
+    """The server's error text: OpenAI-style error.message if present, else the body's start."""
+    try:
+        text = resp.text or ""
+    except Exception as exc:  # the body itself could not be read
+        return f"(body unreadable: {exc})"
+    try:
+        obj = json.loads(text)
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(obj, dict) and obj.get("detail"):
+            return str(obj["detail"])
+    except ValueError:
+        pass
+    return text.strip()[:200] or "(empty body)"
+
+
+def _describe_error(exc: BaseException, stall_timeout: float) -> str:
+    if isinstance(exc, RequestTimeout):
+        return str(exc)
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+        return f"stalled: no byte for {stall_timeout:g} s (--stall-timeout)"
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == 111:
+        return f"connection refused: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+__all__ = ["ChatUser", "SLOShape"]
