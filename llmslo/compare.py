@@ -168,6 +168,7 @@ def plot(rows: list[Row], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = [r.platform for r in rows]
     colours = ["#9e9e9e" if r.reference else "#1f77b4" for r in rows]
@@ -184,6 +185,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.tick_params(axis="x", labelrotation=45)
         for label in ax.get_xticklabels():
             label.set_horizontalalignment("right")
+    axes[-1].yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("grey: seed 001 §4.2 published rows; blue: your runs")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
