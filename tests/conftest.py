@@ -1,4 +1,4 @@
-"""Shared test helpers: free loopback ports and system binaries.
+"""Shared test helpers: free loopback ports, system binaries, and one real Serve app.
 
 Tests that drive a real Prometheus, Alertmanager or Chromium skip on a laptop
 that lacks them, but CI sets LLMSLO_REQUIRE_SYSTEM_DEPS=1 so a missing binary
@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -30,3 +40,120 @@ def require_binary(name: str) -> str:
     if os.environ.get("LLMSLO_REQUIRE_SYSTEM_DEPS") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------
+# One real Ray Serve app for the whole test session (BRIEF contract 3).
+# ---------------------------------------------------------------------------
+
+SERVE_ADMIN_TOKEN = "test-admin-token"
+SERVE_TIME_SCALE = 0.1  # simulated engine 10x faster than calibrated: TTFT ~32 ms, ITL ~1.8 ms
+SERVE_START_TIMEOUT_S = 180
+
+
+@dataclass(frozen=True)
+class ServeApp:
+    """What the ``serve_app`` fixture yields.
+
+    url          http://127.0.0.1:PORT (API root; /healthz, /admin/faults live here)
+    api_base     url + "/v1" (give this to openai / langchain clients)
+    metrics_url  http://127.0.0.1:MPORT/metrics, Ray's metrics export (Prometheus target)
+    metrics_port MPORT (Ray reports metrics every second in this app)
+    admin_token  bearer token of /admin/faults
+    model        served model id ("autoglm-phone-9b")
+    replicas     number of model replicas (2)
+    time_scale   the simulated engine's latency multiplier (0.1)
+    log_path     file with the server's stdout+stderr (Ray and JSON request logs)
+    """
+
+    url: str
+    api_base: str
+    metrics_url: str
+    metrics_port: int
+    admin_token: str
+    model: str
+    replicas: int
+    time_scale: float
+    log_path: Path
+
+    def admin(self, method: str, body: dict | None = None) -> httpx.Response:
+        """Call /admin/faults (GET, POST with a FaultSpec body, DELETE)."""
+        return httpx.request(
+            method,
+            f"{self.url}/admin/faults",
+            json=body,
+            headers={"authorization": f"Bearer {self.admin_token}"},
+            timeout=30,
+        )
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llmslo serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"llmslo serve not healthy after {SERVE_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    """A real ``llmslo serve`` (local Ray, Serve, simulated engine, 2 model replicas,
+    admin API on) on free loopback ports; shut down (Serve, then Ray) at session end."""
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [
+        sys.executable, "-m", "serve.cli",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--metrics-port", str(metrics_port), "--metrics-interval-ms", "1000",
+        "--replicas", "2", "--time-scale", str(SERVE_TIME_SCALE),
+        "--admin-token", SERVE_ADMIN_TOKEN, "--num-cpus", "2",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log_path)
+        yield ServeApp(
+            url=url,
+            api_base=f"{url}/v1",
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+            metrics_port=metrics_port,
+            admin_token=SERVE_ADMIN_TOKEN,
+            model="autoglm-phone-9b",
+            replicas=2,
+            time_scale=SERVE_TIME_SCALE,
+            log_path=log_path,
+        )
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT lets the CLI shut Serve and Ray down; SIGKILL the group if it hangs."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def serve_faults(serve_app: ServeApp) -> Iterator[ServeApp]:
+    """The shared app, with every injected fault cleared after the test."""
+    serve_app.admin("DELETE")
+    yield serve_app
+    serve_app.admin("DELETE")

@@ -76,6 +76,7 @@ class Finish:
     prompt_tokens: int
     completion_tokens: int  # includes reasoning tokens, as OpenAI counts them
     reasoning_tokens: int
+    queue_wait_s: float = 0.0  # time the request waited for an engine slot (0 if it never queues)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,12 @@ class EngineError(RuntimeError):
 class EngineOOMError(EngineError):
     """Out of accelerator memory. A real ``torch.cuda.OutOfMemoryError``, an upstream
     server's OOM error and the simulated KV-cache exhaustion are all raised as this,
-    so the OOM metric and alert treat them the same."""
+    so the OOM metric and alert treat them the same. ``source`` is the metric label
+    (``cuda``, ``upstream`` or ``simulated``)."""
+
+    def __init__(self, message: str = "out of memory", *, source: str = "cuda") -> None:
+        super().__init__(message)
+        self.source = source
 
 
 class EngineOverloadedError(EngineError):

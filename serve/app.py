@@ -1,0 +1,31 @@
+"""Ray Serve application builder: ``import_path: serve.app:build_app`` in serve/config.yaml.
+
+Topology: ``Ingress`` (FastAPI, validates and relays) -> ``Model`` (one engine
+per replica, autoscaled, GPUs reserved per replica). The config's ``args`` are
+:class:`serve.settings.AppSettings`; deployment options that follow from the
+SLO are computed there, so ``serve run serve/config.yaml`` and ``llmslo serve``
+deploy exactly the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve.ingress import Ingress
+from serve.model import ModelServer
+from serve.settings import AppSettings
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    settings = AppSettings.model_validate(args or {})
+    payload = settings.model_dump()
+    model = serve.deployment(ModelServer, name="Model").options(**settings.model_deployment_options())
+    ingress = serve.deployment(Ingress, name="Ingress").options(
+        num_replicas=1,
+        max_ongoing_requests=settings.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": settings.ingress_cpus},
+    )
+    return ingress.bind(model.bind(payload), payload)

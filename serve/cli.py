@@ -1,0 +1,112 @@
+"""``llmslo serve``: start a local Ray and deploy serve/config.yaml, then wait.
+
+The same config file ``serve run`` uses; flags override its ``http_options`` and
+``applications[0].args``. Ray's metrics export port (Prometheus scrapes it) is
+fixed here (default 8080) because a plain ``ray.init`` picks a random one.
+Stops cleanly (Serve, then Ray) on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="llmslo serve", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: %(default)s)")
+    p.add_argument("--host", help="HTTP bind address (config: http_options.host)")
+    p.add_argument("--port", type=int, help="HTTP port (config: http_options.port, 8000)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Ray metrics export port (default: %(default)s)")
+    p.add_argument("--metrics-interval-ms", type=int, help="how often Ray reports metrics (Ray default 10000)")
+    p.add_argument("--engine", help="simulated | upstream | transformers")
+    p.add_argument("--replicas", type=int, help="fixed number of model replicas (default: autoscaling)")
+    p.add_argument("--time-scale", type=float, help="simulated engine: multiply every latency")
+    p.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
+                   help="extra engine_options entry, value parsed as JSON (repeatable)")
+    p.add_argument("--admin-token", help="enable /admin/faults with this bearer token")
+    p.add_argument("--model-id", help="served model id (default: slo.yaml service.model)")
+    p.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
+    p.add_argument("--num-gpus", type=int, help="GPUs Ray may use (default: all it detects)")
+    return p.parse_args(argv)
+
+
+def app_config(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(http_options, application entry, args) from the file with flags applied."""
+    config = yaml.safe_load(ns.config.read_text(encoding="utf-8"))
+    http = dict(config.get("http_options") or {})
+    http.setdefault("port", 8000)
+    if ns.host:
+        http["host"] = ns.host
+    if ns.port is not None:
+        http["port"] = ns.port
+    entry = config["applications"][0]
+    args = dict(entry.get("args") or {})
+    options = dict(args.get("engine_options") or {})
+    if ns.engine:
+        args["engine"] = ns.engine
+        if ns.engine != (entry.get("args") or {}).get("engine"):
+            options = {}
+    if ns.time_scale is not None:
+        options["time_scale"] = ns.time_scale
+    for item in ns.engine_option:
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
+    args["engine_options"] = options
+    if ns.replicas is not None:
+        args["num_replicas"] = ns.replicas
+    if ns.admin_token:
+        args["admin_token"] = ns.admin_token
+    if ns.model_id:
+        args["model_id"] = ns.model_id
+    return http, entry, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    http, entry, args = app_config(ns)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app(args)  # validate before starting Ray
+    system_config = {"metrics_report_interval_ms": ns.metrics_interval_ms} if ns.metrics_interval_ms else None
+    ray.init(
+        address="local",
+        num_cpus=ns.num_cpus,
+        num_gpus=ns.num_gpus,
+        include_dashboard=False,
+        _metrics_export_port=ns.metrics_port,
+        _system_config=system_config,
+        log_to_driver=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": http.get("host", "0.0.0.0"), "port": http["port"]})
+        serve.run(app, name=entry.get("name", "llmslo"), route_prefix=entry.get("route_prefix", "/"))
+        host = http.get("host", "0.0.0.0")
+        print(json.dumps({"event": "serve_ready", "url": f"http://{host}:{http['port']}",
+                          "metrics_url": f"http://{host}:{ns.metrics_port}/metrics"}), flush=True)
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

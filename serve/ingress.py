@@ -1,0 +1,287 @@
+"""The HTTP ingress deployment: OpenAI-compatible API in front of the model replicas.
+
+(No ``from __future__ import annotations`` here: FastAPI must see real types in
+the route signatures that Serve re-wraps.)
+
+Validates requests (schema, media, context budget) before any replica work,
+streams tokens from a model replica through a DeploymentHandle
+(``handle.options(stream=True)``), writes OpenAI's wire format, measures every
+request (serve.observe) and hosts the token-protected fault-injection admin API.
+
+Status of a stream is decided before the first byte: the ingress waits for the
+first token, so failures at admission (OOM, overload, dead replica) are proper
+HTTP errors; failures after it are an SSE error event followed by ``[DONE]``.
+"""
+
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve.engines.base import Delta, Finish
+from serve.errors import APIError, invalid, server_error
+from serve.faults import FaultSpec, FaultState
+from serve.logs import configure_logging
+from serve.metrics import ServerMetrics
+from serve.model import ReplicaHello, StreamError
+from serve.observe import RequestRecord
+from serve.openai_format import DONE, ChunkWriter, completion, delta_fields
+from serve.schema import Prepared, parse_body, prepare, validation_error
+from serve.settings import AppSettings
+from serve.telemetry import start_telemetry
+
+log = structlog.get_logger("llmslo.ingress")
+HEALTH_TIMEOUT_S = 5.0
+MAX_BODY_BYTES = 64 * 2**20
+
+app = FastAPI(title="llmslo model service", docs_url=None, redoc_url=None)
+
+_STREAM_ERRORS = {
+    "oom": (500, "out_of_memory"),
+    "overloaded": (503, "overloaded"),
+    "engine": (500, "engine_error"),
+}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI answers schema errors with 422; OpenAI clients expect 400 and its error body."""
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"][1:]) or None
+    return error_response(invalid(f"{param}: {first['msg']}" if param else first["msg"], param))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled_error", error=type(exc).__name__)
+    return error_response(server_error("internal server error", "internal_error"))
+
+
+@serve.ingress(app)
+class Ingress:
+    """API front door; one replica is enough (it only validates and relays)."""
+
+    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+        configure_logging()
+        self.settings = AppSettings.model_validate(settings)
+        self.model_name = self.settings.served_model
+        self.handle = model
+        self.metrics = ServerMetrics(self.model_name)
+        self.faults = FaultState()
+        self.dead_replicas: set[str] = set()
+        self.created = int(time.time())
+        start_telemetry(self.model_name, "ingress")
+
+    # ---- public API -------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 once a model replica answers, else 503."""
+        try:
+            await asyncio.wait_for(self._ready(), HEALTH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - any failure means "not ready"
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmslo"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        rec = RequestRecord(self.metrics, request_id)
+        try:
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="payload_too_large")
+            prepared = await prepare(parse_body(body), self.settings, request_id)
+        except APIError as err:
+            rec.close(err.status, err.code)
+            return error_response(err)
+        rec.stream, rec.modality = prepared.stream, prepared.modality
+        rec.prompt_tokens = prepared.generation.prompt_tokens
+        for kind, count in (("image", prepared.images), ("audio", prepared.audios)):
+            if count:
+                self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})
+        stream = self.handle.options(stream=True).generate.remote(prepared.generation, self.faults.next_directive())
+        items = self._items(stream, rec)
+        try:
+            first = await self._next(items)
+        except APIError as err:
+            rec.close(err.status, err.code)
+            return error_response(err)
+        except asyncio.CancelledError:
+            stream.cancel()
+            rec.close(499)
+            raise
+        headers = {"x-llmslo-replica": rec.replica or ""}
+        if prepared.stream:
+            return StreamingResponse(
+                self._sse(prepared, rec, first, items, stream),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        return await self._complete(prepared, rec, first, items, stream, headers)
+
+    # ---- admin / fault injection -------------------------------------------
+
+    @app.get("/admin/faults")
+    async def get_faults(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        return JSONResponse(self.faults.snapshot())
+
+    @app.delete("/admin/faults")
+    async def clear_faults(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        self.faults.clear()
+        return JSONResponse(self.faults.snapshot())
+
+    @app.post("/admin/faults")
+    async def set_faults(self, request: Request) -> JSONResponse:
+        self._authorize(request)
+        try:
+            spec = FaultSpec.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        self.faults.apply(spec)
+        answer: dict[str, Any] = dict(self.faults.snapshot())
+        if spec.kill:
+            replica = await self.handle.kill.remote()
+            self.faults.kills += 1
+            self._count_crash(replica)
+            answer.update(kills=self.faults.kills, killed_replica=replica)
+        log.warning("faults_changed", **{k: v for k, v in spec.model_dump().items() if v}, state=self.faults.snapshot())
+        return JSONResponse(answer)
+
+    # ---- internals ------------------------------------------------------------
+
+    async def _ready(self) -> str:
+        return await self.handle.ready.remote()
+
+    def _authorize(self, request: Request) -> None:
+        token = self.settings.admin
+        if not token:
+            raise APIError(404, "the admin API is disabled (set admin_token)", code="admin_disabled")
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise APIError(401, "missing or wrong admin bearer token", type="authentication_error", code="invalid_token")
+
+    def _count_crash(self, replica: str | None) -> None:
+        key = replica or f"unknown-{uuid.uuid4().hex}"
+        if key not in self.dead_replicas:
+            self.dead_replicas.add(key)
+            self.metrics.replica_crashes.inc(1, self.metrics.tags)
+
+    async def _items(self, stream: DeploymentResponseGenerator, rec: RequestRecord) -> AsyncIterator[Delta | Finish]:
+        """Engine items of one request; a StreamError or a dead replica raises APIError."""
+        try:
+            async for item in stream:
+                if isinstance(item, ReplicaHello):
+                    rec.replica = item.replica_id
+                    continue
+                if isinstance(item, StreamError):
+                    status, code = _STREAM_ERRORS[item.kind]
+                    raise server_error(item.message, code, status)
+                rec.on_item(item)
+                yield item
+        except (RayActorError, ActorUnavailableError):
+            self._count_crash(rec.replica)
+            raise server_error("the model replica serving this request died", "replica_died", 503) from None
+
+    @staticmethod
+    async def _next(items: AsyncIterator[Delta | Finish]) -> Delta | Finish:
+        try:
+            return await anext(items)
+        except StopAsyncIteration:
+            raise server_error("the engine stream ended without a finish", "engine_error") from None
+
+    async def _sse(
+        self,
+        prepared: Prepared,
+        rec: RequestRecord,
+        item: Delta | Finish,
+        items: AsyncIterator[Delta | Finish],
+        stream: DeploymentResponseGenerator,
+    ) -> AsyncIterator[bytes]:
+        writer = ChunkWriter(rec.request_id, self.model_name, prepared.include_usage)
+        finished = False
+        try:
+            yield writer.role()
+            try:
+                while not isinstance(item, Finish):
+                    delta = delta_fields(item, prepared.return_reasoning)
+                    if delta:
+                        yield writer.chunk(delta)
+                    item = await self._next(items)
+                yield writer.chunk({}, item.reason)
+                if prepared.include_usage:
+                    yield writer.usage_chunk(item)
+                rec.close(200)
+            except APIError as err:
+                rec.close(err.status, err.code)
+                yield writer.error(err)
+            finished = True
+            yield DONE
+        finally:
+            if not finished:  # client went away: cancel generation so the engine frees the slot
+                stream.cancel()
+                rec.close(499)
+
+    async def _complete(
+        self,
+        prepared: Prepared,
+        rec: RequestRecord,
+        item: Delta | Finish,
+        items: AsyncIterator[Delta | Finish],
+        stream: DeploymentResponseGenerator,
+        headers: dict[str, str],
+    ) -> Response:
+        content: list[str] = []
+        reasoning: list[str] = []
+        try:
+            while not isinstance(item, Finish):
+                content.append(item.content)
+                reasoning.append(item.reasoning)
+                item = await self._next(items)
+        except APIError as err:
+            rec.close(err.status, err.code)
+            return error_response(err)
+        except asyncio.CancelledError:
+            stream.cancel()
+            rec.close(499)
+            raise
+        rec.close(200)
+        shown = "".join(reasoning) if prepared.generation.thinking and prepared.return_reasoning else None
+        return JSONResponse(completion(rec.request_id, self.model_name, "".join(content), shown, item), headers=headers)

@@ -1,0 +1,117 @@
+"""Server-side metrics of the model service, through Ray's metrics pipeline.
+
+Why Ray's pipeline: every Serve replica is its own process; ``ray.serve.metrics``
+objects are collected by each node's metrics agent and exported on Ray's metrics
+export port (``--metrics-export-port``, 8080 in ``llmslo serve``), so one
+Prometheus job sees every replica on every node. Each replica exports its own
+series (labels ``application``, ``deployment``, ``replica``, ``WorkerId``, ...
+are added by Ray); ``sum by (model) (...)`` aggregates them. Ray prefixes every
+custom metric with ``ray_``. Verified by tests/test_serve_metrics.py with two
+replicas.
+
+Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
+
+- ``ray_llmslo_requests_total{model,status,code}``: finished requests; status is
+  ok | client_error | server_error | cancelled, code the HTTP status (499 for a
+  client that disconnected). Recorded by the ingress.
+- ``ray_llmslo_requests_in_flight{model}``: requests inside a model replica
+  (queued in the engine or generating). Recorded by each model replica.
+- ``ray_llmslo_queue_wait_seconds{model}``: time a request waited for an engine
+  slot (the engine's own queue; Ray Serve's router queue is
+  ``ray_serve_request_router_fulfillment_time_ms``).
+- ``ray_llmslo_ttft_seconds{model,modality}``: ingress receiving the request ->
+  first generated token (reasoning or content) leaving the ingress;
+  modality is text | image | audio | image_audio.
+- ``ray_llmslo_itl_seconds{model}``: gap between consecutive token arrivals at
+  the ingress, divided by the tokens the later arrival carries.
+- ``ray_llmslo_tpot_seconds{model}``: per request, (e2e - ttft) / (completion
+  tokens - 1); requests with one token are not observed.
+- ``ray_llmslo_e2e_seconds{model}``: request received -> last token / error.
+- ``ray_llmslo_prompt_tokens_total``, ``ray_llmslo_completion_tokens_total``
+  (reasoning included, as OpenAI counts), ``ray_llmslo_reasoning_tokens_total``
+  ``{model}``.
+- ``ray_llmslo_multimodal_inputs_total{model,kind=image|audio}``.
+- ``ray_llmslo_oom_events_total{model,source=simulated|cuda|upstream}``: every
+  EngineOOMError a replica sees (injected OOMs count as ``simulated``).
+- ``ray_llmslo_replica_starts_total{model}``: 1 from each model replica process
+  when it becomes ready (a new process starts a new series).
+- ``ray_llmslo_replica_crashes_total{model}``: model replicas the ingress saw
+  die (a request failed with ActorDiedError/ActorUnavailableError, or the kill
+  drill), counted once per replica.
+- ``ray_llmslo_build_info{version,engine,model,weights}`` = 1 per model replica;
+  weights is real | synthetic | simulated.
+- ``ray_llmslo_kv_cache_usage_ratio{model}``: engine KV-cache blocks in use, 0..1.
+
+Histogram buckets include the KPI edges: TTFT 0.6 s, ITL/TPOT 1/45 s, e2e 1.2 s.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics as ray_metrics
+
+PREFIX = "ray_"
+
+REQUESTS = "ray_llmslo_requests_total"
+IN_FLIGHT = "ray_llmslo_requests_in_flight"
+QUEUE_WAIT = "ray_llmslo_queue_wait_seconds"
+TTFT = "ray_llmslo_ttft_seconds"
+ITL = "ray_llmslo_itl_seconds"
+TPOT = "ray_llmslo_tpot_seconds"
+E2E = "ray_llmslo_e2e_seconds"
+PROMPT_TOKENS = "ray_llmslo_prompt_tokens_total"
+COMPLETION_TOKENS = "ray_llmslo_completion_tokens_total"
+REASONING_TOKENS = "ray_llmslo_reasoning_tokens_total"
+MULTIMODAL_INPUTS = "ray_llmslo_multimodal_inputs_total"
+OOM_EVENTS = "ray_llmslo_oom_events_total"
+REPLICA_STARTS = "ray_llmslo_replica_starts_total"
+REPLICA_CRASHES = "ray_llmslo_replica_crashes_total"
+BUILD_INFO = "ray_llmslo_build_info"
+KV_CACHE_USAGE = "ray_llmslo_kv_cache_usage_ratio"
+
+TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+TOKEN_BUCKETS = (0.005, 0.01, 0.015, 0.018, 0.02, 1 / 45, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+E2E_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
+QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _logical(exported: str) -> str:
+    """Name to register with Ray (Ray adds the prefix on export)."""
+    return exported.removeprefix(PREFIX)
+
+
+class ServerMetrics:
+    """The metric objects of one process (ingress or model replica), tagged with the model."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        m = ("model",)
+
+        def counter(name: str, doc: str, tags: tuple[str, ...] = m) -> ray_metrics.Counter:
+            return ray_metrics.Counter(_logical(name), description=doc, tag_keys=tags)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...], tags: tuple[str, ...] = m) -> ray_metrics.Histogram:
+            return ray_metrics.Histogram(_logical(name), description=doc, boundaries=list(buckets), tag_keys=tags)
+
+        def gauge(name: str, doc: str, tags: tuple[str, ...] = m) -> ray_metrics.Gauge:
+            return ray_metrics.Gauge(_logical(name), description=doc, tag_keys=tags)
+
+        self.requests = counter(REQUESTS, "Finished requests by outcome", ("model", "status", "code"))
+        self.in_flight = gauge(IN_FLIGHT, "Requests inside a model replica")
+        self.queue_wait = histogram(QUEUE_WAIT, "Wait for an engine slot (s)", QUEUE_BUCKETS)
+        self.ttft = histogram(TTFT, "Time to first token (s)", TTFT_BUCKETS, ("model", "modality"))
+        self.itl = histogram(ITL, "Inter-token latency (s)", TOKEN_BUCKETS)
+        self.tpot = histogram(TPOT, "Time per output token after the first (s)", TOKEN_BUCKETS)
+        self.e2e = histogram(E2E, "End-to-end request time (s)", E2E_BUCKETS)
+        self.prompt_tokens = counter(PROMPT_TOKENS, "Prompt tokens (text + media)")
+        self.completion_tokens = counter(COMPLETION_TOKENS, "Completion tokens (reasoning included)")
+        self.reasoning_tokens = counter(REASONING_TOKENS, "Reasoning tokens")
+        self.multimodal = counter(MULTIMODAL_INPUTS, "Image and audio inputs", ("model", "kind"))
+        self.oom = counter(OOM_EVENTS, "Out-of-memory events", ("model", "source"))
+        self.replica_starts = counter(REPLICA_STARTS, "Model replica process starts")
+        self.replica_crashes = counter(REPLICA_CRASHES, "Model replicas seen dying")
+        self.build_info = gauge(BUILD_INFO, "Build information (always 1)", ("version", "engine", "model", "weights"))
+        self.kv_cache = gauge(KV_CACHE_USAGE, "KV-cache blocks in use (0..1)")
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {"model": self.model}

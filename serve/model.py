@@ -1,0 +1,145 @@
+"""The model deployment: each replica holds one engine (one copy of the model).
+
+It streams the engine's Delta/Finish items to the ingress through a
+DeploymentHandle, applies fault-drill directives around any engine, turns
+engine failures into a :class:`StreamError` item (so an OOM never kills the
+replica and never surfaces as a Ray exception), and publishes the replica-side
+metrics: in-flight requests, engine queue wait, KV-cache usage, OOM events,
+replica starts and build info, plus GPU/CPU telemetry (serve.telemetry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import structlog
+from ray import serve
+
+from serve.engines import create_engine
+from serve.engines.base import Delta, EngineError, EngineOOMError, EngineOverloadedError, Finish, GenerationRequest
+from serve.faults import Directive
+from serve.logs import configure_logging
+from serve.metrics import ServerMetrics
+from serve.settings import AppSettings
+from serve.telemetry import start_telemetry
+
+log = structlog.get_logger("llmslo.model")
+KV_SAMPLE_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class ReplicaHello:
+    """First item of every stream: which replica serves the request."""
+
+    replica_id: str
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """Last item of a failed stream (replaces Finish)."""
+
+    kind: Literal["oom", "overloaded", "engine"]
+    message: str
+
+
+def _classify(exc: BaseException) -> tuple[str, str | None]:
+    """(kind, oom source) of an engine exception; a raw CUDA OOM counts as an OOM too."""
+    if isinstance(exc, EngineOOMError):
+        return "oom", exc.source
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError leaking from an engine
+        return "oom", "cuda"
+    if isinstance(exc, EngineOverloadedError):
+        return "overloaded", None
+    return "engine", None
+
+
+class ModelServer:
+    """One model replica (see module doc); its methods are called through handles."""
+
+    async def __init__(self, settings: dict[str, Any]) -> None:
+        configure_logging()
+        self.settings = AppSettings.model_validate(settings)
+        self.model = self.settings.served_model
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.engine = create_engine(self.settings.engine, self.model, self.settings.engine_options)
+        await self.engine.start()
+        self.metrics = ServerMetrics(self.model)
+        self._in_flight = 0
+        self._publish_in_flight()
+        weights = "simulated" if self.engine.name == "simulated" else (
+            "synthetic" if self.engine.synthetic_weights else "real"
+        )
+        self.metrics.build_info.set(
+            1, {"version": importlib.metadata.version("llmslo"), "engine": self.engine.name, "model": self.model, "weights": weights}
+        )
+        self.metrics.replica_starts.inc(1, self.metrics.tags)
+        start_telemetry(self.model, "replica")
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_kv())
+        log.info("replica_started", replica=self.replica_id, model=self.model, engine=self.engine.name, pid=os.getpid())
+
+    async def generate(
+        self, request: GenerationRequest, directive: Directive
+    ) -> AsyncIterator[ReplicaHello | Delta | Finish | StreamError]:
+        """Stream one request: hello, deltas, then Finish or StreamError."""
+        yield ReplicaHello(self.replica_id)
+        self._in_flight += 1
+        self._publish_in_flight()
+        try:
+            async for item in self._guarded(request, directive):
+                yield item
+        finally:
+            self._in_flight -= 1
+            self._publish_in_flight()
+
+    async def _guarded(self, request: GenerationRequest, directive: Directive) -> AsyncIterator[Any]:
+        try:
+            if directive.oom:
+                raise EngineOOMError("injected out-of-memory (fault drill)", source="simulated")
+            last = time.monotonic()
+            async for item in self.engine.generate(request):
+                if directive.slowdown > 1:
+                    await asyncio.sleep((directive.slowdown - 1) * (time.monotonic() - last))
+                last = time.monotonic()
+                if isinstance(item, Finish):
+                    self.metrics.queue_wait.observe(item.queue_wait_s, self.metrics.tags)
+                yield item
+                if directive.error and isinstance(item, Delta):
+                    raise EngineError("injected engine error (fault drill)")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every engine failure becomes a StreamError, never a dead replica
+            kind, source = _classify(exc)
+            if source is not None:
+                self.metrics.oom.inc(1, {**self.metrics.tags, "source": source})
+            log.warning("generation_failed", request_id=request.request_id, replica=self.replica_id,
+                        kind=kind, error=type(exc).__name__, message=str(exc))
+            yield StreamError(kind, str(exc) if kind != "engine" or isinstance(exc, EngineError) else "internal engine error")
+
+    async def ready(self) -> str:
+        """Cheap liveness answer for /healthz: this replica's id."""
+        return self.replica_id
+
+    async def check_health(self) -> None:
+        """Called by Ray Serve; raising makes Serve replace the replica."""
+        await self.engine.check_health()
+
+    async def kill(self) -> str:
+        """Crash drill: exit the process shortly after answering (no cleanup, like a segfault)."""
+        log.warning("replica_kill_requested", replica=self.replica_id)
+        asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+        return self.replica_id
+
+    def _publish_in_flight(self) -> None:
+        self.metrics.in_flight.set(self._in_flight, self.metrics.tags)
+        self.metrics.kv_cache.set(self.engine.stats().kv_cache_usage, self.metrics.tags)
+
+    async def _sample_kv(self) -> None:
+        while True:
+            await asyncio.sleep(KV_SAMPLE_INTERVAL_S)
+            self.metrics.kv_cache.set(self.engine.stats().kv_cache_usage, self.metrics.tags)
