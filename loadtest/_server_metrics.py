@@ -22,9 +22,13 @@ CPU = "llmslo_process_cpu_percent"
 
 
 def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict, float]]]:
-    """Sample name -> [(labels, value)] for every llmslo sample at ``url``."""
+    """Fetch ``url`` and parse it (see :func:`parse`)."""
     with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (user-given URL)
-        text = resp.read().decode("utf-8", "replace")
+        return parse(resp.read().decode("utf-8", "replace"))
+
+
+def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """Logical name -> [(labels, value)] for every KPI-relevant sample of a Prometheus exposition."""
     out: dict[str, list[tuple[dict, float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:

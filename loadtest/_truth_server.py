@@ -20,7 +20,12 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import time
+import urllib.request
+from contextlib import contextmanager
+from typing import Iterator
 
 MODES = ("ok", "http500", "http400", "midstream", "malformed", "stall", "nodone")
 
@@ -150,6 +155,31 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu >= 0:
         os.sched_setaffinity(0, {args.cpu})
     asyncio.run(serve(args))
+
+
+@contextmanager
+def running(port: int, *flags: str) -> Iterator[str]:
+    """Start the server in a subprocess on 127.0.0.1:port; yield its URL; always stop it."""
+    cmd = [sys.executable, "-m", "loadtest._truth_server", "--port", str(port), *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()  # the "listening" line, or an error
+        if "listening" not in line:
+            raise RuntimeError(f"truth server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fetch_truth(url: str) -> dict[str, dict]:
+    """The server's emit log: request id -> {recv, emits, tokens, end}."""
+    with urllib.request.urlopen(f"{url}/truth", timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,74 @@
+"""A broken server or bad options: the run finishes (or refuses to start) and says what broke."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import free_port
+from loadtest import run_headless
+from loadtest._headless import LOCUSTFILE_DIR
+from loadtest._truth_server import running
+
+SMALL = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "8", "--short-share", "0")
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("http500", "HTTP 500: engine exploded"),
+        ("http400", "HTTP 400: max_tokens is too large"),
+        ("midstream", "error mid-stream: replica lost"),
+        ("malformed", "malformed SSE data (not JSON)"),
+        ("nodone", "stream ended without [DONE]"),
+        ("stall", "stalled: no byte for 1 s"),
+    ],
+)
+def test_bad_server_is_counted_and_reported(tmp_path, mode, expected):
+    with running(free_port(), "--ttft", "0.01", "--itl", "0.005", "--mode", mode) as url:
+        out = run_headless(url, tmp_path, 1, "3s", *SMALL, "--stall-timeout", "1", timeout=120)
+    assert out.returncode == 1, out.output[-2000:]
+    summary = out.summary
+    assert summary["requests"]["failed"] >= 1 and summary["requests"]["failed"] == summary["requests"]["total"]
+    assert any(expected in error for error in summary["errors"]), summary["errors"]
+    assert summary["kpis"]["error_rate"]["pass"] is False
+    assert expected in (tmp_path / "report.html").read_text()
+    assert expected in out.output  # the console table lists what broke
+
+
+def test_connection_refused_is_a_failure_not_a_crash(tmp_path):
+    out = run_headless(f"http://127.0.0.1:{free_port()}", tmp_path, 1, "2s", *SMALL, timeout=120)
+    assert out.returncode == 1
+    assert any("connection refused" in e.lower() for e in out.summary["errors"]), out.summary["errors"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mix", "video=1"], "--mix: expected CLASS=WEIGHT"),
+        (["--short-share", "2"], "--short-share must be within"),
+        (["--step-users", "4,2"], "--step-users: user counts must be >= 1 and increasing"),
+        (["--slo-file", "/nonexistent/slo.yaml"], "cannot read /nonexistent/slo.yaml"),
+    ],
+)
+def test_invalid_options_fail_in_one_line_before_load(tmp_path, args, message):
+    port = free_port()
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--headless", "-t", "5s",
+           "--host", f"http://127.0.0.1:{port}", "--report-dir", str(tmp_path), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "llmslo loadtest: error" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "summary.json").exists()  # no run happened
+
+
+def test_invalid_slo_yaml_fails_in_one_line(tmp_path):
+    bad = tmp_path / "slo.yaml"
+    bad.write_text("kpis: [unclosed\n")
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--headless", "-t", "5s",
+           "--host", "http://127.0.0.1:9", "--slo-file", str(bad), "--report-dir", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if "is not valid YAML" in line]

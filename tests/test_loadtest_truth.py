@@ -1,0 +1,63 @@
+"""The load generator against a ground-truth SSE server whose emit times are logged.
+
+Both processes read CLOCK_MONOTONIC, so each client stamp can be compared with
+the server's write time of the same token. The truth TTFT of a request is the
+server's write time of its first token minus the client's request start (the
+request's trip to the server is part of real TTFT). Low load (2 users) on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import free_port
+from loadtest import run_headless
+from loadtest._truth_server import fetch_truth, running
+
+TEXT_ONLY = ("--mix", "text=1", "--input-tokens", "20", "--output-tokens", "12", "--short-share", "0")
+
+
+def _records(report_dir) -> list[dict]:
+    return [json.loads(line) for line in (report_dir / "requests.jsonl").read_text().splitlines()]
+
+
+def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path):
+    with running(free_port(), "--ttft", "0.08", "--itl", "0.015", "--reasoning", "3") as url:
+        out = run_headless(url, tmp_path, 2, "4s", *TEXT_ONLY, "--thinking-share", "1", timeout=120)
+        truth = fetch_truth(url)
+    ok = [r for r in _records(tmp_path) if r["ok"]]
+    assert len(ok) >= 6, out.output[-2000:]
+    for r in ok:
+        t = truth[r["id"]]
+        t0 = r["start_mono"]
+        assert 0.079 < t["emits"][0] - t["recv"] < 0.1  # the server kept its schedule
+        assert r["ttft_s"] == pytest.approx(t["emits"][0] - t0, abs=0.002)  # role-only/empty chunks came earlier
+        assert r["ttfo_s"] == pytest.approx(t["emits"][3] - t0, abs=0.002)  # first 3 were reasoning
+        true_gaps = [b - a for a, b in zip(t["emits"], t["emits"][1:])]
+        assert r["itl_s"] == pytest.approx(true_gaps, abs=0.002)
+        assert r["tpot_s"] == pytest.approx((t["end"] - t["emits"][0]) / (t["tokens"] - 1), abs=0.002)
+        assert r["output_tokens"] == 12 and r["reasoning_tokens"] == 3 and r["token_discrepancy"] == 0
+        assert r["decode_tokens_per_s"] == pytest.approx(1 / r["tpot_s"])
+        assert r["output_tokens_per_s"] == pytest.approx(12 / r["e2e_s"])
+    assert out.summary["requests"]["usage_vs_delta_discrepancies"] == 0
+
+
+def test_tokens_come_from_usage_and_packing_is_reported(tmp_path):
+    with running(free_port(), "--ttft", "0.02", "--itl", "0.01", "--tokens-per-chunk", "4") as url:
+        out = run_headless(url, tmp_path, 1, "3s", *TEXT_ONLY, timeout=120)
+    ok = [r for r in _records(tmp_path) if r["ok"]]
+    assert ok, out.output[-2000:]
+    for r in ok:
+        assert r["output_tokens"] == 12 and r["content_deltas"] == 3 and r["token_discrepancy"] == 9
+        assert r["tokens_source"] == "usage"
+    assert out.summary["requests"]["usage_vs_delta_discrepancies"] == len(ok)
+
+
+def test_usage_that_disagrees_with_deltas_is_flagged(tmp_path):
+    with running(free_port(), "--ttft", "0.02", "--itl", "0.005", "--usage-offset", "2") as url:
+        out = run_headless(url, tmp_path, 1, "3s", *TEXT_ONLY, timeout=120)
+    ok = [r for r in _records(tmp_path) if r["ok"]]
+    assert ok and all(r["token_discrepancy"] == 2 and r["output_tokens"] == 14 for r in ok)
+    assert out.summary["requests"]["usage_vs_delta_discrepancies"] == len(ok)
