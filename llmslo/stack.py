@@ -249,7 +249,7 @@ def plan(
         Service(
             "serve",
             [py, "-m", "llmslo.cli", "serve", "--host", "127.0.0.1", "--port", str(ports.serve),
-             "--metrics-export-port", str(ports.ray_metrics), *(serve_args or [])],
+             "--metrics-port", str(ports.ray_metrics), *(serve_args or [])],
             ready_url=f"http://127.0.0.1:{ports.serve}/healthz",
             url=f"http://127.0.0.1:{ports.serve}/v1",
             ready_timeout_s=240.0,

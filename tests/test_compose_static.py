@@ -206,7 +206,11 @@ def test_gpu_profile_reserves_the_gpus_of_one_model_copy(compose: dict[str, Any]
     devices = compose["services"]["serve-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert int(devices[0]["count"]) == load_slo().service.gpus_per_replica
     assert "deploy" not in compose["services"]["serve-sim"]
-    assert compose["services"]["serve-sim"]["environment"]["LLMSLO_ENGINE"] == "simulated"
+    sim = compose["services"]["serve-sim"]["command"]
+    assert sim[sim.index("--engine") + 1] == "simulated"
+    for name in ("serve-sim", "serve-gpu"):
+        command = compose["services"][name]["command"]
+        assert command[command.index("--metrics-port") + 1] == "8080" and "8080" in compose["services"][name]["expose"]
 
 
 def test_services_have_healthchecks_restart_and_dependencies(compose: dict[str, Any]) -> None:
