@@ -29,6 +29,7 @@ log = logging.getLogger("llmslo.loadtest")
 MSG_RECORDS = "llmslo_records"
 MSG_LEVEL = "llmslo_level"
 POLL_S = 2.0
+FINAL_WAIT_S = 10.0
 
 
 @dataclass
@@ -54,6 +55,9 @@ class Run:
     poller: gevent.Greenlet | None = None
     is_worker: bool = False
     worker_id: str = "local"
+    senders: set[str] = field(default_factory=set)
+    finals: set[str] = field(default_factory=set)
+    finisher: gevent.Greenlet | None = None
 
     # --- samples -----------------------------------------------------------
     def add(self, rec: dict) -> None:
@@ -64,13 +68,16 @@ class Run:
         if self.metrics:
             self.metrics.observe(rec)
 
-    def ship(self) -> dict:
+    def ship(self, final: bool = False) -> dict:
         """Payload for the master: pending records and self-check samples since last time."""
-        out = {"worker": self.worker_id, "records": self.pending, "selfcheck": self.selfcheck.drain()}
+        out = {"worker": self.worker_id, "records": self.pending, "selfcheck": self.selfcheck.drain(), "final": final}
         self.pending = []
         return out
 
     def receive(self, payload: dict) -> None:
+        self.senders.add(payload["worker"])
+        if payload["final"]:
+            self.finals.add(payload["worker"])
         for rec in payload["records"]:
             self.add(rec)
         mine = self.worker_samples.setdefault(payload["worker"], {"loop_lag_s": [], "cpu_percent": []})
@@ -108,6 +115,10 @@ class Run:
             opts.max_loop_lag_ms / 1000,
             opts.max_schedule_lag_ms / 1000,
         )
+        missing = sorted(self.senders - self.finals) if final else []
+        if missing:
+            validity["valid"] = False
+            validity["reasons"].append(f"final samples of worker(s) {', '.join(missing)} never arrived")
         failed = [r for r in records if not r["ok"]]
         discrepant = [r for r in records if r["ok"] and r["token_discrepancy"]]
         return {
@@ -210,6 +221,7 @@ def on_test_start(environment, **_kw) -> None:
         return
     opts = environment.parsed_options
     RUN.records, RUN.windows, RUN.worker_samples = [], {}, {}
+    RUN.senders, RUN.finals = set(), set()
     RUN.level, RUN.level_since, RUN.t_stop = 0, None, None
     RUN.t_start, RUN.wall_start = time.perf_counter(), time.time()
     RUN.server = ServerWatch(opts.server_metrics_url or None, RUN.settings.slo.service.gpus_per_replica)
@@ -240,7 +252,7 @@ def on_worker_report(client_id, data: dict, **_kw) -> None:
 
 def on_test_stop(environment, **_kw) -> None:
     if RUN.is_worker:
-        environment.runner.send_message(MSG_RECORDS, RUN.ship())
+        environment.runner.send_message(MSG_RECORDS, RUN.ship(final=True))
         return
     if RUN.settings is None or RUN.t_stop is not None:
         return
@@ -249,6 +261,20 @@ def on_test_stop(environment, **_kw) -> None:
     RUN.server.poll()
     RUN.set_level(0)
     RUN.t_stop = time.perf_counter()
+    if isinstance(environment.runner, MasterRunner):
+        # On a headless quit the master fires test_stop before telling workers to
+        # stop; their final batches arrive afterwards, so judge once they are in.
+        expected = RUN.senders | {c.id for c in environment.runner.clients.all}
+        RUN.finisher = gevent.spawn(_finish_when_complete, environment, expected)
+    else:
+        finish(environment)
+
+
+def _finish_when_complete(environment, expected: set[str], wait_s: float = FINAL_WAIT_S) -> None:
+    deadline = time.perf_counter() + wait_s
+    while not expected <= RUN.finals and time.perf_counter() < deadline:
+        gevent.sleep(0.05)
+    RUN.senders |= expected
     finish(environment)
 
 
@@ -273,6 +299,8 @@ def exit_code(summary: dict) -> int:
 def on_quitting(environment, **_kw) -> None:
     if RUN.is_worker or RUN.settings is None:
         return
+    if RUN.finisher is not None:
+        RUN.finisher.join(timeout=FINAL_WAIT_S + 30)
     if RUN.exit_code is not None:
         environment.process_exit_code = RUN.exit_code
 

@@ -1,0 +1,62 @@
+"""Distributed runs (master + 2 workers, and --processes) judge like a single process.
+
+The ground-truth server's timings do not depend on load at this scale, so the
+same traffic must give the same verdict however the generator is split.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import free_port
+from loadtest import run_headless
+from loadtest._headless import LOCUSTFILE_DIR, locust_command
+from loadtest._truth_server import running
+
+TRAFFIC = ("--mix", "text=2,image=1", "--image-max-px", "256", "--images-max", "1",
+           "--input-tokens", "10", "--output-tokens", "12", "--short-share", "0.5")
+
+
+def _verdict(summary: dict) -> dict:
+    return {"verdict": summary["verdict"], **{k: v["pass"] for k, v in summary["kpis"].items()}}
+
+
+def test_master_with_two_workers_gives_the_single_process_verdict(tmp_path):
+    with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
+        single = run_headless(url, tmp_path / "single", 4, "5s", *TRAFFIC, timeout=120)
+        port = free_port()
+        master = subprocess.Popen(
+            [*locust_command(url, tmp_path / "dist", 4, "5s", *TRAFFIC), "--master", "--expect-workers", "2",
+             "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        worker = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--worker",
+                  "--master-host", "127.0.0.1", "--master-port", str(port)]
+        workers = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        try:
+            output, _ = master.communicate(timeout=120)
+        finally:
+            for proc in [master, *workers]:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    dist = json.loads((tmp_path / "dist" / "summary.json").read_text())
+    assert master.returncode == single.returncode == 1, output[-3000:]  # 4 users < concurrency target
+    assert _verdict(dist) == _verdict(single.summary)
+    assert len(dist["config"]["workers"]) == 2 and dist["config"]["runner"] == "MasterRunner"
+    assert not [r for r in dist["validity"]["reasons"] if "never arrived" in r]
+    by_worker = {w: 0 for w in dist["config"]["workers"]}
+    for line in (tmp_path / "dist" / "requests.jsonl").read_text().splitlines():
+        by_worker[json.loads(line)["worker"]] += 1
+    assert all(n > 0 for n in by_worker.values()), by_worker
+    assert dist["kpis"]["concurrency"]["value"] == single.summary["kpis"]["concurrency"]["value"] == 4
+
+
+def test_processes_flag_gives_the_same_verdict(tmp_path):
+    with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
+        single = run_headless(url, tmp_path / "single", 2, "4s", *TRAFFIC, timeout=120)
+        forked = run_headless(url, tmp_path / "forked", 2, "4s", *TRAFFIC, "--processes", "2", timeout=120)
+    assert forked.summary["config"]["runner"] == "MasterRunner", forked.output[-2000:]
+    assert _verdict(forked.summary) == _verdict(single.summary)
