@@ -37,6 +37,9 @@ APT_HINT = {
 }
 
 
+ALERTMANAGER_CONFIG = ROOT / "alerts" / "alertmanager.yml"
+
+
 class StackError(RuntimeError):
     """A service did not come up; the message names it and ends with its log's last lines."""
 
@@ -257,7 +260,10 @@ def plan(
     ]
     missing = []
     alertmanager_bin = _which("prometheus-alertmanager", "alertmanager")
-    if alertmanager_bin:
+    if not ALERTMANAGER_CONFIG.exists():
+        missing.append(f"{ALERTMANAGER_CONFIG} is missing (run `llmslo generate`): Alertmanager is skipped")
+        alertmanager_bin = None
+    elif alertmanager_bin:
         services.append(_alertmanager(alertmanager_bin, ports, run_dir))
     else:
         missing.append(f"Alertmanager is not installed: {APT_HINT['alertmanager']}")
@@ -298,7 +304,7 @@ def _prometheus(binary: str, ports: Ports, run_dir: Path, *, with_alertmanager: 
 def _alertmanager(binary: str, ports: Ports, run_dir: Path) -> Service:
     return Service(
         "alertmanager",
-        [binary, f"--config.file={ROOT / 'alerts' / 'alertmanager.yml'}",
+        [binary, f"--config.file={ALERTMANAGER_CONFIG}",
          f"--storage.path={run_dir / 'alertmanager-data'}",
          f"--web.listen-address=127.0.0.1:{ports.alertmanager}",
          "--cluster.listen-address="],  # no gossip port: one local instance
