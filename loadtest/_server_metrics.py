@@ -1,24 +1,36 @@
 """Read the server-side KPIs (OOM, crashes, GPU memory, CPU) from its Prometheus endpoint.
 
-The serving app exports through Ray's metrics pipeline, which prefixes custom
-metrics with ``ray_``; samples are matched on the logical name as a suffix so
-the same code reads ``ray_llmslo_oom_events_total`` and a bare
-``llmslo_oom_events_total`` from a non-Ray server.
+Metric names are the serving app's own constants (serve/metrics.py and
+serve/telemetry.py, exported through Ray with the ``ray_`` prefix), imported
+only when a server endpoint is given: they pull in Ray, which a load generator
+without ``--server-metrics-url`` does not need.
 """
 
 from __future__ import annotations
 
 import urllib.request
 from dataclasses import dataclass, field
+from functools import cache
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest._verdict import ServerFacts
 
-OOM = "llmslo_oom_events_total"
-CRASHES = "llmslo_replica_crashes_total"
-GPU_USED = "llmslo_gpu_memory_used_bytes"
-CPU = "llmslo_process_cpu_percent"
+OOM, CRASHES, GPU_USED, CPU, INFO = "oom", "crashes", "gpu_used", "cpu", "info"
+
+
+@cache
+def exported_names() -> dict[str, str]:
+    """Role -> exported sample name, from the serving app's constants."""
+    from serve import metrics, telemetry
+
+    return {
+        OOM: metrics.OOM_EVENTS,
+        CRASHES: metrics.REPLICA_CRASHES,
+        GPU_USED: metrics.PREFIX + telemetry.GPU_MEMORY_USED,
+        CPU: metrics.PREFIX + telemetry.PROCESS_CPU,
+        INFO: metrics.BUILD_INFO,
+    }
 
 
 def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict, float]]]:
@@ -28,13 +40,13 @@ def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict, float]]
 
 
 def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
-    """Logical name -> [(labels, value)] for every KPI-relevant sample of a Prometheus exposition."""
+    """Role -> [(labels, value)] for every KPI-relevant sample of a Prometheus exposition."""
+    roles = {name: role for role, name in exported_names().items()}
     out: dict[str, list[tuple[dict, float]]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            for logical in (OOM, CRASHES, GPU_USED, CPU):
-                if sample.name.endswith(logical):
-                    out.setdefault(logical, []).append((sample.labels, sample.value))
+            if sample.name in roles:
+                out.setdefault(roles[sample.name], []).append((sample.labels, sample.value))
     return out
 
 
@@ -63,6 +75,7 @@ class ServerWatch:
     last: dict[str, float] = field(default_factory=dict)
     gpu_gb_max: float | None = None
     cpu_max: float | None = None
+    llmslo_server: bool = False
     error: str | None = None
     scrapes: int = 0
 
@@ -77,9 +90,11 @@ class ServerWatch:
             return
         self.scrapes += 1
         self.error = None
+        self.llmslo_server = self.llmslo_server or INFO in data
         for name in (OOM, CRASHES):
             if name in data:
-                self.first.setdefault(name, _total(data[name]))
+                # a series first seen after the first scrape started at 0 during the run
+                self.first.setdefault(name, _total(data[name]) if self.scrapes == 1 else 0.0)
                 self.last[name] = _total(data[name])
         if GPU_USED in data:
             gb = gpu_gb_per_copy(data[GPU_USED], self.gpus_per_replica)
@@ -97,15 +112,21 @@ class ServerWatch:
             return ServerFacts(note=self.error or "no scrape succeeded")
 
         def delta(name: str) -> float | None:
-            return self.last[name] - self.first[name] if name in self.last else None
+            if name in self.last:
+                return self.last[name] - self.first.get(name, 0.0)
+            # an llmslo server creates a counter series at its first event: none yet = 0
+            return 0.0 if self.llmslo_server else None
 
-        missing = [n for n in (OOM, CRASHES, GPU_USED, CPU) if n not in self.first and n not in self.last]
-        missing = [n for n in missing if not (n == GPU_USED and self.gpu_gb_max is not None)]
-        missing = [n for n in missing if not (n == CPU and self.cpu_max is not None)]
-        return ServerFacts(
+        names = exported_names()
+        facts = ServerFacts(
             oom_events=delta(OOM),
             replica_crashes=delta(CRASHES),
             gpu_memory_gb_per_copy=self.gpu_gb_max,
             cpu_percent_max=self.cpu_max,
-            note=f"not exported by the server: {', '.join(missing)}" if missing else "",
+            note="",
         )
+        for field, role in (("oom_events", OOM), ("replica_crashes", CRASHES),
+                            ("gpu_memory_gb_per_copy", GPU_USED), ("cpu_percent_max", CPU)):
+            if getattr(facts, field) is None:
+                facts.notes[field] = f"{names[role]} not exported by the server"
+        return facts

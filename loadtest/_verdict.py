@@ -8,7 +8,7 @@ are read from slo.yaml through llmslo.slo; nothing here repeats a number.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -64,6 +64,10 @@ class ServerFacts:
     gpu_memory_gb_per_copy: float | None = None
     cpu_percent_max: float | None = None
     note: str = "server metrics not configured (--server-metrics-url)"
+    notes: dict[str, str] = field(default_factory=dict)  # per-field reason, overrides ``note``
+
+    def why(self, name: str) -> str:
+        return self.notes.get(name, self.note)
 
 
 def client_kpi_values(records: list[dict], slo: SLOConfig) -> dict[str, tuple[float | None, int]]:
@@ -129,10 +133,10 @@ def verdict(
         "highest level at which every client-side KPI held" if levels else "no complete concurrency level",
     )
     hours = duration_s / 3600 if duration_s > 0 else math.nan
-    values["oom_per_hour"] = _rate(server.oom_events, hours, server.note)
-    values["crashes_per_day"] = _rate(server.replica_crashes, hours / 24, server.note)
-    values["gpu_memory_gb"] = _gauge(server.gpu_memory_gb_per_copy, server.note)
-    values["cpu_percent"] = _gauge(server.cpu_percent_max, server.note)
+    values["oom_per_hour"] = _rate(server.oom_events, hours, server.why("oom_events"))
+    values["crashes_per_day"] = _rate(server.replica_crashes, hours / 24, server.why("replica_crashes"))
+    values["gpu_memory_gb"] = _gauge(server.gpu_memory_gb_per_copy, server.why("gpu_memory_gb_per_copy"))
+    values["cpu_percent"] = _gauge(server.cpu_percent_max, server.why("cpu_percent_max"))
     out = {}
     for name, kpi in slo.kpis.items():
         value, samples, note = values.get(name, (None, None, f"no implementation for metric {kpi.metric}"))

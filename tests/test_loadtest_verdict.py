@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port
 from llmslo.slo import load_slo
 from loadtest import run_headless
-from loadtest._server_metrics import ServerWatch, gpu_gb_per_copy, parse
+from loadtest._server_metrics import CPU, GPU_USED, OOM, ServerWatch, gpu_gb_per_copy, parse
 from loadtest._sse import StreamError, StreamRecord, read_stream
 from loadtest._truth_server import running
 from loadtest._verdict import ServerFacts, describe, level_table, verdict
@@ -94,8 +94,8 @@ ray_llmslo_process_cpu_percent{component="replica"} 35.0
 
 def test_server_metrics_are_parsed_by_logical_name():
     data = parse(EXPOSITION)
-    assert sum(v for _, v in data["llmslo_oom_events_total"]) == 2
-    assert gpu_gb_per_copy(data["llmslo_gpu_memory_used_bytes"], 2) == pytest.approx(42.0)
+    assert sum(v for _, v in data[OOM]) == 2 and data[CPU][0][1] == 35.0
+    assert gpu_gb_per_copy(data[GPU_USED], 2) == pytest.approx(42.0)
     watch = ServerWatch("http://127.0.0.1:1/metrics", 2)
     watch.poll()
     assert watch.facts().oom_events is None and "unreachable" in watch.facts().note
