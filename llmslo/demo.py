@@ -34,6 +34,8 @@ from rich.table import Table
 from llmslo import stack
 from llmslo.slo import SLOConfig, load_slo
 
+# Ray exports metrics every 10 s by default: too coarse for a 2-minute run's snapshot.
+SERVE_DEFAULTS = ["--metrics-interval-ms", "2000"]
 STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "NOT MEASURED": "yellow"}
 
 
@@ -143,8 +145,19 @@ def snapshot(prometheus_url: str, start: float, end: float, step_s: float = 5.0)
     return out
 
 
-def platform(prometheus_url: str | None, ray_metrics_url: str) -> dict[str, str]:
-    """Engine, weights and GPUs of the server, for ``llmslo compare``'s platform column."""
+def configured_engine(serve_args: list[str]) -> str:
+    """The engine ``llmslo serve`` was told to run (its config file with the flags applied)."""
+    from serve.cli import app_config, parse_args
+
+    return str(app_config(parse_args(serve_args))[2].get("engine", "unknown"))
+
+
+def platform(prometheus_url: str | None, ray_metrics_url: str, engine: str) -> dict[str, str]:
+    """Engine, weights and GPUs of the server, for ``llmslo compare``'s platform column.
+
+    The server's own ``build_info`` wins; ``engine`` (what it was configured
+    with) stands in when the server has not exported it.
+    """
     from serve import metrics as m
     from serve import telemetry as t
 
@@ -156,7 +169,7 @@ def platform(prometheus_url: str | None, ray_metrics_url: str) -> dict[str, str]
         gpu_names = sorted({g["metric"].get("gpu", "") for g in gpus})
     else:
         labels, gpu_names = {}, []
-    engine = labels.get("engine", "unknown")
+    engine = labels.get("engine", engine)
     return {
         "platform": f"this machine ({engine}{', ' + labels['weights'] + ' weights' if 'weights' in labels else ''})",
         "engine": engine,
@@ -189,7 +202,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     report_dir = (args.report_dir or stack.default_run_dir("demo")).resolve()
     ports = stack.Ports.free()
     the_plan = stack.plan(ports, report_dir / "stack", locust_ui=False, grafana=False,
-                          serve_args=args.serve_arg)
+                          serve_args=[*SERVE_DEFAULTS, *args.serve_arg])
     for line in the_plan.missing:
         console.print(f"[yellow]llmslo demo: {line}[/]")
     locust = locust_service(ports, report_dir, steps, args.step_duration, args.locust_arg)
@@ -209,7 +222,8 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 (report_dir / "server_metrics.json").write_text(
                     json.dumps(snapshot(prometheus, start, end), indent=1))
             (report_dir / "platform.json").write_text(
-                json.dumps(platform(prometheus, f"http://127.0.0.1:{ports.ray_metrics}/metrics"), indent=1))
+                json.dumps(platform(prometheus, f"http://127.0.0.1:{ports.ray_metrics}/metrics",
+                                    configured_engine(args.serve_arg)), indent=1))
     finally:
         with console.status("stopping the stack…"):
             the_stack.stop()
@@ -226,6 +240,7 @@ def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
                       f"see {report_dir / 'stack' / 'logs' / 'locust.log'}[/]")
         return locust_code or 2
     summary = json.loads(summary_file.read_text())
+    console.print()
     console.print(kpi_table(kpi_rows(summary["kpis"]), f"SLO verdict: {summary['verdict']}"))
     if not summary["validity"]["valid"]:
         console.print(f"[yellow]run invalid: {'; '.join(summary['validity']['reasons'])}[/]")
@@ -234,7 +249,7 @@ def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
 
 
 def main(argv: list[str]) -> int:
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 140)
     args = _parser(load_slo()).parse_args(argv)
     stack.stop_on_sigterm()
     started = time.monotonic()

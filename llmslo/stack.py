@@ -247,6 +247,7 @@ def plan(
     grafana_password: str | None = None,
 ) -> Plan:
     """Which services ``llmslo up`` (or the demo) starts here, in start order."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     services = [
         Service(

@@ -1,0 +1,70 @@
+"""``llmslo demo``, shortened, end to end: real Ray Serve, Prometheus, Locust.
+
+The demo is the README's first command; here it runs with two short steps so
+the test stays bounded, and must leave a complete report (every KPI of
+slo.yaml in summary.json, the HTML, the per-request data, the server/GPU
+snapshot), print the verdict, exit non-zero exactly when an SLO failed, and
+leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from llmslo.slo import load_slo
+
+TIMEOUT_S = 300
+
+
+@pytest.mark.timeout(TIMEOUT_S + 60)
+def test_short_demo_leaves_a_complete_report(tmp_path: Path) -> None:
+    report = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmslo.cli", "demo", "--step-users", "1,2", "--step-duration", "8",
+         "--report-dir", str(report)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen: dict[int, psutil.Process] = {}
+    try:
+        while proc.poll() is None:
+            try:
+                seen |= {p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                break
+            try:
+                proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"left behind: {[(p.pid, p.name()) for p in left]}"
+
+    summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["kpis"]) == set(load_slo().kpis), "every KPI of slo.yaml is judged"
+    assert [lvl["level"] for lvl in summary["levels"]][:1] == [1]
+    assert summary["requests"]["total"] > 0
+    for name in ("report.html", "requests.jsonl", "platform.json"):
+        assert (report / name).stat().st_size > 0, name
+    if shutil.which("prometheus"):
+        snapshot = json.loads((report / "server_metrics.json").read_text())
+        assert snapshot["series"]["requests_in_flight"]["result"], "Prometheus saw the server during the run"
+    platform = json.loads((report / "platform.json").read_text())
+    assert platform["engine"] == "simulated"
+
+    assert f"SLO verdict: {summary['verdict']}" in output, output
+    assert f"report: {report}" in output.replace("\n", ""), output
+    assert (proc.returncode == 0) == (summary["verdict"].startswith("PASS")), (proc.returncode, output)
