@@ -64,6 +64,7 @@ class ErrorBudgetSLO(_Strict):
     title: str
     objective: float = Field(gt=0, lt=1)
     threshold_s: float | None = None
+    period: str = "30d"   # error-budget window of the "budget left" figure
 
     @property
     def error_budget(self) -> float:
