@@ -36,6 +36,7 @@ class TruthServer:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.log: dict[str, dict] = {}
+        self.active = 0  # streams in progress, for --ttft-per-stream
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -78,6 +79,14 @@ class TruthServer:
         if a.mode == "http400":
             await self._send(writer, 400, "application/json", _error("max_tokens is too large (truth server)", "invalid_request_error"))
             return True
+        self.active += 1
+        try:
+            return await self._tokens(writer, req, rid, recv, a.ttft + a.ttft_per_stream * (self.active - 1))
+        finally:
+            self.active -= 1
+
+    async def _tokens(self, writer, req: dict, rid: str, recv: float, ttft: float) -> bool:
+        a = self.args
         tokens = int(req.get("max_tokens") or a.tokens)
         entry = self.log[rid] = {"recv": recv, "emits": [], "tokens": tokens}
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -88,7 +97,7 @@ class TruthServer:
         reasoning = min(a.reasoning, tokens)
         sent = 0
         while sent < tokens:
-            deadline = recv + a.ttft + a.itl * (sent // a.tokens_per_chunk)
+            deadline = recv + ttft + a.itl * (sent // a.tokens_per_chunk)
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
             if a.mode == "stall" and sent >= 2:
                 await asyncio.sleep(3600)
@@ -132,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ttft", type=float, default=0.1, help="seconds from request to first token")
+    p.add_argument("--ttft-per-stream", type=float, default=0.0,
+                   help="extra TTFT per other stream in progress (a server that degrades with load)")
     p.add_argument("--itl", type=float, default=0.02, help="seconds between chunks")
     p.add_argument("--tokens", type=int, default=16, help="reply length when the request has no max_tokens")
     p.add_argument("--tokens-per-chunk", type=int, default=1, help="tokens packed into one SSE chunk")

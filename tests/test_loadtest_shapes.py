@@ -1,0 +1,42 @@
+"""Load shapes: the step ramp finds the highest passing concurrency; open loop records schedule lag."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import free_port
+from llmslo.slo import load_slo
+from loadtest import run_headless
+from loadtest._truth_server import running
+
+SMALL = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "8", "--short-share", "0")
+
+
+def test_step_ramp_reports_highest_concurrency_where_slos_hold(tmp_path):
+    target = load_slo().kpis["ttft_p95"].target
+    # TTFT = 0.4 target with 1 stream, +0.35 target per extra stream: passes at 1 and 2, fails at 4
+    base, per = 0.4 * target, 0.35 * target
+    with running(free_port(), "--ttft", f"{base:.3f}", "--ttft-per-stream", f"{per:.3f}", "--itl", "0.005") as url:
+        out = run_headless(url, tmp_path, 1, "60s", *SMALL, "--output-tokens", "64", "--step-users", "1,2,4,8", "--step-duration", "3",
+                           timeout=180)
+    s = out.summary
+    levels = {row["level"]: row["passes"] for row in s["levels"]}
+    assert levels.get(1) is True and levels.get(2) is True and levels.get(4) is False, s["levels"]
+    assert 8 not in levels  # the ramp stopped after the first failing step
+    assert s["kpis"]["concurrency"]["value"] == 2 and s["kpis"]["concurrency"]["pass"] is False
+    assert out.returncode == 1
+
+
+def test_open_loop_rate_and_schedule_lag(tmp_path):
+    with running(free_port(), "--ttft", "0.02", "--itl", "0.005") as url:
+        out = run_headless(url, tmp_path / "ok", 4, "5s", *SMALL, "--arrival-rate", "8", "--arrival", "constant",
+                           timeout=120)
+        starved = run_headless(url, tmp_path / "starved", 1, "4s", *SMALL, "--arrival-rate", "40", timeout=120)
+    records = [json.loads(line) for line in (tmp_path / "ok" / "requests.jsonl").read_text().splitlines()]
+    assert all(r["schedule_lag_s"] is not None for r in records)
+    assert 0.6 * 8 * 5 <= len(records) <= 8 * 5 + 4  # about rate x duration
+    assert out.summary["metrics"]["schedule_lag_seconds"]["all"]["p50"] < 0.05
+    # one user cannot keep 40 req/s of 60 ms requests: the lag is recorded and the run marked invalid
+    reasons = starved.summary["validity"]["reasons"]
+    assert any("arrival rate not achieved" in r for r in reasons), reasons
+    assert starved.summary["metrics"]["schedule_lag_seconds"]["all"]["p99"] > 0.1
