@@ -111,25 +111,23 @@ def watch(locust: stack.Service, the_stack: stack.Stack, steps: list[int], step_
 
 
 def _series_queries() -> dict[str, str]:
-    """PromQL for the server and GPU snapshot, built from serve/'s exported names."""
-    from serve import metrics as m
-    from serve import telemetry as t
+    """PromQL for the server and GPU snapshot, on the exported names the alerts use."""
+    from llmslo.generate import names as n
 
-    gpu = lambda name: m.PREFIX + name  # noqa: E731 (telemetry names are unprefixed)
     return {
-        "requests_in_flight": f"sum({m.IN_FLIGHT})",
-        "requests_per_s_by_status": f"sum by (status) (rate({m.REQUESTS}[30s]))",
-        "completion_tokens_per_s": f"sum(rate({m.COMPLETION_TOKENS}[30s]))",
-        "server_ttft_p95_s_bucketed": f"histogram_quantile(0.95, sum by (le) (rate({m.TTFT}_bucket[30s])))",
-        "queue_wait_p95_s_bucketed": f"histogram_quantile(0.95, sum by (le) (rate({m.QUEUE_WAIT}_bucket[30s])))",
-        "kv_cache_usage_ratio": f"max({m.KV_CACHE_USAGE})",
-        "oom_events_total": f"sum({m.OOM_EVENTS})",
-        "replica_crashes_total": f"sum({m.REPLICA_CRASHES})",
-        "process_cpu_percent": f"max by (component) ({gpu(t.PROCESS_CPU)})",
-        "gpu_memory_used_bytes": f"sum by (gpu) ({gpu(t.GPU_MEMORY_USED)})",
-        "gpu_utilization_ratio": f"max by (gpu) ({gpu(t.GPU_UTILIZATION)})",
-        "gpu_power_watts": f"max by (gpu) ({gpu(t.GPU_POWER)})",
-        "nvml_available": f"max({gpu(t.NVML_AVAILABLE)})",
+        "requests_in_flight": f"sum({n.IN_FLIGHT})",
+        "requests_per_s_by_status": f"sum by (status) (rate({n.REQUESTS}[30s]))",
+        "completion_tokens_per_s": f"sum(rate({n.COMPLETION_TOKENS}[30s]))",
+        "server_ttft_p95_s_bucketed": f"histogram_quantile(0.95, sum by (le) (rate({n.TTFT}_bucket[30s])))",
+        "queue_wait_p95_s_bucketed": f"histogram_quantile(0.95, sum by (le) (rate({n.QUEUE_WAIT}_bucket[30s])))",
+        "kv_cache_usage_ratio": f"max({n.KV_CACHE_USAGE})",
+        "oom_events_total": f"sum({n.OOM_EVENTS})",
+        "replica_crashes_total": f"sum({n.REPLICA_CRASHES})",
+        "process_cpu_percent": f"sum by (component) ({n.PROCESS_CPU})",
+        "gpu_memory_used_bytes": f"sum by (gpu) ({n.GPU_MEMORY_USED})",
+        "gpu_utilization_ratio": f"max by (gpu) ({n.GPU_UTILIZATION})",
+        "gpu_power_watts": f"max by (gpu) ({n.GPU_POWER})",
+        "nvml_available": f"max({n.NVML_AVAILABLE})",
     }
 
 
@@ -158,13 +156,12 @@ def platform(prometheus_url: str | None, ray_metrics_url: str, engine: str) -> d
     The server's own ``build_info`` wins; ``engine`` (what it was configured
     with) stands in when the server has not exported it.
     """
-    from serve import metrics as m
-    from serve import telemetry as t
+    from llmslo.generate import names as n
 
     if prometheus_url:
         query = f"{prometheus_url}/api/v1/query"
-        build = (_get_json(query, query=m.BUILD_INFO) or {}).get("data", {}).get("result", [])
-        gpus = (_get_json(query, query=m.PREFIX + t.GPU_MEMORY_TOTAL) or {}).get("data", {}).get("result", [])
+        build = (_get_json(query, query=n.BUILD_INFO) or {}).get("data", {}).get("result", [])
+        gpus = (_get_json(query, query=n.GPU_MEMORY_TOTAL) or {}).get("data", {}).get("result", [])
         labels = build[0]["metric"] if build else {}
         gpu_names = sorted({g["metric"].get("gpu", "") for g in gpus})
     else:

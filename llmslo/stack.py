@@ -71,8 +71,13 @@ class Ports:
 def prometheus_config(
     *, ray: str, prometheus: str, rule_files: list[str], alertmanager: str | None, locust: str | None
 ) -> dict[str, Any]:
-    """The one Prometheus configuration, for compose (deploy/prometheus.yml) and ``llmslo up``."""
-    jobs = {"ray": ray, "locust": locust, "prometheus": prometheus, "alertmanager": alertmanager}
+    """The one Prometheus configuration, for compose (deploy/prometheus.yml) and ``llmslo up``.
+
+    Job names are the ones the generated alert rules select on (llmslo.generate.names).
+    """
+    from llmslo.generate.names import CLIENT_JOB, SERVER_JOB
+
+    jobs = {SERVER_JOB: ray, CLIENT_JOB: locust, "prometheus": prometheus, "alertmanager": alertmanager}
     config: dict[str, Any] = {
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "rule_files": rule_files,
@@ -314,6 +319,22 @@ def _alertmanager(binary: str, ports: Ports, run_dir: Path) -> Service:
     )
 
 
+def grafana_provisioning(run_dir: Path) -> Path:
+    """The generated provisioning, with the dashboards provider pointed at dashboards/json here.
+
+    The generated provider path is the compose container's mount point; a local
+    Grafana reads a copy whose path is this checkout's folder.
+    """
+    target = run_dir / "grafana-provisioning"
+    shutil.copytree(ROOT / "dashboards" / "provisioning", target, dirs_exist_ok=True)
+    for path in (target / "dashboards").glob("*.y*ml"):
+        config = yaml.safe_load(path.read_text())
+        for provider in config.get("providers", []):
+            provider.setdefault("options", {})["path"] = str(ROOT / "dashboards" / "json")
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
 def _grafana(binary: str, ports: Ports, run_dir: Path, password: str) -> Service:
     home = next((p for p in (Path("/usr/share/grafana"), Path(binary).resolve().parent.parent) if
                  (p / "conf" / "defaults.ini").exists()), Path("/usr/share/grafana"))
@@ -327,11 +348,9 @@ def _grafana(binary: str, ports: Ports, run_dir: Path, password: str) -> Service
             "GF_SERVER_HTTP_PORT": str(ports.grafana),
             "GF_PATHS_DATA": str(run_dir / "grafana-data"),
             "GF_PATHS_LOGS": str(run_dir / "logs"),
-            "GF_PATHS_PROVISIONING": str(ROOT / "dashboards" / "provisioning"),
+            "GF_PATHS_PROVISIONING": str(grafana_provisioning(run_dir)),
             "GF_SECURITY_ADMIN_PASSWORD": password,
             "PROMETHEUS_URL": f"http://127.0.0.1:{ports.prometheus}",
-            "ALERTMANAGER_URL": f"http://127.0.0.1:{ports.alertmanager}",
-            "LLMSLO_DASHBOARDS": str(ROOT / "dashboards" / "json"),
         },
     )
 

@@ -107,3 +107,16 @@ def _wait_for_ray_target_up(prometheus: str, timeout_s: float = 60) -> None:
             return
         time.sleep(2)
     raise AssertionError(f"Prometheus targets: {health}")
+
+
+def test_local_grafana_reads_this_checkouts_dashboards(tmp_path: Path) -> None:
+    """grafana-server is not on CI machines; the provisioning copy it would read is checked here."""
+    import yaml
+
+    from llmslo.stack import ROOT, grafana_provisioning
+
+    target = grafana_provisioning(tmp_path)
+    providers = [p for f in (target / "dashboards").glob("*.yml") for p in yaml.safe_load(f.read_text())["providers"]]
+    assert providers and all(Path(p["options"]["path"]) == ROOT / "dashboards" / "json" for p in providers)
+    assert list((ROOT / "dashboards" / "json").glob("*.json"))
+    assert (target / "datasources").is_dir() and (target / "alerting").is_dir()
