@@ -30,7 +30,9 @@ from serve.settings import AppSettings
 from serve.telemetry import start_telemetry
 
 log = structlog.get_logger("llmslo.model")
-KV_SAMPLE_INTERVAL_S = 1.0
+# Ray's agent drops a gauge series not re-reported within 2 report intervals, so
+# every gauge is re-set at least this often (well under 2 s, Ray's smallest TTL).
+GAUGE_REFRESH_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -71,16 +73,19 @@ class ModelServer:
         await self.engine.start()
         self.metrics = ServerMetrics(self.model)
         self._in_flight = 0
-        self._publish_in_flight()
         weights = "simulated" if self.engine.name == "simulated" else (
             "synthetic" if self.engine.synthetic_weights else "real"
         )
-        self.metrics.build_info.set(
-            1, {"version": importlib.metadata.version("llmslo"), "engine": self.engine.name, "model": self.model, "weights": weights}
-        )
+        self._build_tags = {
+            "version": importlib.metadata.version("llmslo"),
+            "engine": self.engine.name,
+            "model": self.model,
+            "weights": weights,
+        }
+        self._publish_gauges()
         self.metrics.replica_starts.inc(1, self.metrics.tags)
         start_telemetry(self.model, "replica")
-        self._sampler = asyncio.get_running_loop().create_task(self._sample_kv())
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
         log.info("replica_started", replica=self.replica_id, model=self.model, engine=self.engine.name, pid=os.getpid())
 
     async def generate(
@@ -89,13 +94,13 @@ class ModelServer:
         """Stream one request: hello, deltas, then Finish or StreamError."""
         yield ReplicaHello(self.replica_id)
         self._in_flight += 1
-        self._publish_in_flight()
+        self._publish_gauges()
         try:
             async for item in self._guarded(request, directive):
                 yield item
         finally:
             self._in_flight -= 1
-            self._publish_in_flight()
+            self._publish_gauges()
 
     async def _guarded(self, request: GenerationRequest, directive: Directive) -> AsyncIterator[Any]:
         try:
@@ -135,11 +140,12 @@ class ModelServer:
         asyncio.get_running_loop().call_later(0.2, os._exit, 1)
         return self.replica_id
 
-    def _publish_in_flight(self) -> None:
+    def _publish_gauges(self) -> None:
         self.metrics.in_flight.set(self._in_flight, self.metrics.tags)
         self.metrics.kv_cache.set(self.engine.stats().kv_cache_usage, self.metrics.tags)
+        self.metrics.build_info.set(1, self._build_tags)
 
-    async def _sample_kv(self) -> None:
+    async def _refresh_gauges(self) -> None:
         while True:
-            await asyncio.sleep(KV_SAMPLE_INTERVAL_S)
-            self.metrics.kv_cache.set(self.engine.stats().kv_cache_usage, self.metrics.tags)
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            self._publish_gauges()

@@ -149,11 +149,32 @@ def parse_body(body: bytes) -> ChatCompletionRequest:
 
 
 def validation_error(exc: ValidationError) -> APIError:
-    """The first pydantic error as OpenAI's 400 (param is the dotted field path)."""
-    first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
+    """The deepest pydantic error as OpenAI's 400 (param is the dotted field path).
+
+    For ``str | list[part]`` content the deepest error is the one inside the list,
+    which is the one that tells the user what to fix."""
+    first = max(exc.errors(), key=lambda e: len(e["loc"]))
+    param = _param(first["loc"]) or None
     code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
     return invalid(f"{param}: {first['msg']}" if param else first["msg"], param, code)
+
+
+def _param(loc: tuple[int | str, ...]) -> str:
+    """Field path without pydantic's union-member markers and discriminator tags."""
+    out: list[int | str] = []
+    after_tagged_union = False
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in _TYPE_MARKERS):
+            after_tagged_union = "tagged-union" in part
+            continue
+        if after_tagged_union and isinstance(part, str) and out and isinstance(out[-1], int):
+            after_tagged_union = False  # the discriminator value after the list index
+            continue
+        out.append(part)
+    return ".".join(str(p) for p in out)
+
+
+_TYPE_MARKERS = {"str", "int", "float", "bool", "none"}
 
 
 async def prepare(req: ChatCompletionRequest, settings: AppSettings, request_id: str) -> Prepared:

@@ -1,0 +1,118 @@
+"""Fault drills through the admin API, mid-stream failures, and client disconnects."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from serve import metrics as M
+from test_serve_metrics import scrape, total, wait_for
+
+
+def _chat(serve_app, **extra) -> httpx.Response:
+    body = {"model": serve_app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, **extra}
+    return httpx.post(f"{serve_app.api_base}/chat/completions", json=body, timeout=60)
+
+
+def test_admin_requires_the_bearer_token(serve_app):
+    url = f"{serve_app.url}/admin/faults"
+    assert httpx.get(url, timeout=10).status_code == 401
+    resp = httpx.post(url, json={"oom": 1}, headers={"authorization": "Bearer wrong"}, timeout=10)
+    assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+    assert serve_app.admin("GET").json()["oom_pending"] == 0
+
+
+def test_admin_rejects_bad_fault_specs(serve_faults):
+    for bad in ({"error_rate": 2}, {"slowdown": 0.5}, {"oom": -1}, {"explode": True}):
+        resp = serve_faults.admin("POST", bad)
+        assert resp.status_code == 400, bad
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_injected_oom_is_an_error_and_the_replica_keeps_serving(serve_faults, stream):
+    app = serve_faults
+    before = total(scrape(app), M.OOM_EVENTS, source="simulated")
+    state = app.admin("POST", {"oom": 1}).json()
+    assert state["oom_pending"] == 1
+    resp = _chat(app, stream=stream)
+    assert resp.status_code == 500
+    assert resp.json()["error"] == {
+        "message": "injected out-of-memory (fault drill)",
+        "type": "server_error",
+        "param": None,
+        "code": "out_of_memory",
+    }
+    assert app.admin("GET").json()["oom_pending"] == 0
+    for _ in range(4):  # both replicas still answer
+        assert _chat(app).status_code == 200
+    assert wait_for(lambda: total(scrape(app), M.OOM_EVENTS, source="simulated") == before + 1)
+    assert wait_for(lambda: total(scrape(app), M.REQUESTS, status="server_error", code="500") >= 1)
+
+
+def test_mid_stream_failure_is_an_sse_error_then_done(serve_faults):
+    serve_faults.admin("POST", {"error_rate": 1.0})
+    body = {"model": serve_faults.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20,
+            "stream": True}
+    with httpx.stream("POST", f"{serve_faults.api_base}/chat/completions", json=body, timeout=30) as resp:
+        assert resp.status_code == 200
+        events = [line for line in resp.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and error["code"] == "engine_error"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert any(c["choices"][0]["delta"].get("content") for c in chunks)
+    serve_faults.admin("DELETE")
+    assert _chat(serve_faults).status_code == 200
+
+
+def test_disconnect_cancels_generation_and_frees_the_slot(serve_faults):
+    app = serve_faults
+    app.admin("POST", {"slowdown": 50})  # 2000 tokens would take ~3 minutes now
+    cancelled_before = total(scrape(app), M.REQUESTS, status="cancelled")
+    body = {"model": app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    clients = [httpx.Client(timeout=60) for _ in range(2)]
+    streams = [c.stream("POST", f"{app.api_base}/chat/completions", json=body) for c in clients]
+    lines = []  # keep the line iterators alive: a collected one closes its connection
+    try:
+        for s in streams:
+            resp = s.__enter__()
+            assert resp.status_code == 200
+            lines.append(resp.iter_lines())
+            next(lines[-1])  # the role chunk: generation is running
+        assert wait_for(lambda: total(scrape(app), M.IN_FLIGHT) == 2), "both requests should be in flight"
+    finally:
+        for s, c in zip(streams, clients):
+            s.__exit__(None, None, None)
+            c.close()
+    assert wait_for(lambda: total(scrape(app), M.IN_FLIGHT) == 0, timeout=20), "slots were not freed"
+    assert wait_for(lambda: total(scrape(app), M.KV_CACHE_USAGE) == 0), "the engine kept KV-cache blocks"
+    assert wait_for(lambda: total(scrape(app), M.REQUESTS, status="cancelled", code="499") - cancelled_before == 2)
+
+
+def test_kill_drill_counts_a_crash_and_serve_recovers(serve_faults):
+    app = serve_faults
+    crashes_before = total(scrape(app), M.REPLICA_CRASHES)
+    answer = app.admin("POST", {"kill": True}).json()
+    killed = answer["killed_replica"]
+    assert answer["kills"] >= 1 and killed
+    # the other replica keeps answering while Serve replaces the dead one
+    ok = 0
+    for _ in range(60):
+        resp = _chat(app)
+        ok = ok + 1 if resp.status_code == 200 else 0
+        assert resp.status_code in (200, 503), resp.text
+        if ok >= 5:
+            break
+    assert ok >= 5
+    assert wait_for(lambda: total(scrape(app), M.REPLICA_CRASHES) == crashes_before + 1)
+
+    def two_live_replicas():
+        seen = {_chat(app, max_tokens=1).headers.get("x-llmslo-replica") for _ in range(12)}
+        return len(seen - {killed, None}) == 2
+
+    assert wait_for(two_live_replicas, timeout=120, interval=1), "Serve did not restart the killed replica"

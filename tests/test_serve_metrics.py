@@ -1,0 +1,108 @@
+"""Server metrics go through Ray's metrics pipeline: series from both model replicas
+reach the export port under the names in serve.metrics and sum right."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve import metrics as M
+
+
+def scrape(serve_app) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Sample name -> [(labels, value)] from Ray's metrics export port."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
+    text = httpx.get(serve_app.metrics_url, timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[sample.name].append((sample.labels, sample.value))
+    return out
+
+
+def total(samples, name: str, **labels: str) -> float:
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == want for k, want in labels.items()))
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.5):
+    """Poll until predicate() is truthy (Ray reports metrics every second here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+def per_replica(samples, name: str) -> dict[str, float]:
+    by: dict[str, float] = defaultdict(float)
+    for labels, value in samples.get(name, []):
+        by[labels.get("replica", "")] += value
+    return dict(by)
+
+
+def test_two_replicas_reach_the_exporter_and_sum_right(serve_app):
+    before = scrape(serve_app)
+    base_total = total(before, M.QUEUE_WAIT + "_count")
+    base_by = per_replica(before, M.QUEUE_WAIT + "_count")
+    base_tokens = total(before, M.COMPLETION_TOKENS, model=serve_app.model)
+    n, per_request = 24, 3
+    seen = set()
+    body = {
+        "model": serve_app.model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": per_request,
+        "ignore_eos": True,
+    }
+    for _ in range(n):
+        resp = httpx.post(f"{serve_app.api_base}/chat/completions", json=body, timeout=30)
+        assert resp.status_code == 200
+        seen.add(resp.headers["x-llmslo-replica"])
+    assert len(seen) == 2
+
+    def settled():
+        s = scrape(serve_app)
+        done = total(s, M.QUEUE_WAIT + "_count") - base_total == n
+        tokens_done = total(s, M.COMPLETION_TOKENS, model=serve_app.model) - base_tokens == n * per_request
+        return s if done and tokens_done else None
+
+    after = wait_for(settled)
+    assert after, "metrics did not reach the exporter"
+    # replica-side histogram: each replica exports its own series, and they add up to n
+    grown = {r: v - base_by.get(r, 0) for r, v in per_replica(after, M.QUEUE_WAIT + "_count").items()}
+    assert set(seen) <= set(grown) and all(grown[r] > 0 for r in seen)
+    assert sum(grown.values()) == n
+    # one build_info and one start per replica process
+    assert len(after[M.BUILD_INFO]) >= 2
+    assert {lab["engine"] for lab, _ in after[M.BUILD_INFO]} == {"simulated"}
+    assert {lab["weights"] for lab, _ in after[M.BUILD_INFO]} == {"simulated"}
+    assert total(after, M.REPLICA_STARTS) >= 2
+
+
+def test_exported_names_and_kpi_buckets(serve_app):
+    httpx.post(
+        f"{serve_app.api_base}/chat/completions",
+        json={"model": serve_app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+        timeout=30,
+    )
+    names = [M.REQUESTS, M.IN_FLIGHT, M.PROMPT_TOKENS, M.COMPLETION_TOKENS, M.BUILD_INFO, M.KV_CACHE_USAGE,
+             M.REPLICA_STARTS]
+    histograms = [M.TTFT, M.ITL, M.TPOT, M.E2E, M.QUEUE_WAIT]
+
+    def all_present():
+        s = scrape(serve_app)
+        return s if all(n in s for n in names) else None
+
+    samples = wait_for(all_present)
+    assert samples, f"missing: {[n for n in names if n not in scrape(serve_app)]}"
+    for h in histograms:
+        for suffix in ("_bucket", "_sum", "_count"):
+            assert h + suffix in samples, h + suffix
+    les = lambda h: {float(lab["le"]) for lab, _ in samples[h + "_bucket"]}  # noqa: E731
+    assert 0.6 in les(M.TTFT)
+    assert 1 / 45 in les(M.TPOT) and 1 / 45 in les(M.ITL)
+    assert 1.2 in les(M.E2E)
+    assert {lab["status"] for lab, _ in samples[M.REQUESTS]} >= {"ok"}
+    assert all(lab["model"] == serve_app.model for lab, _ in samples[M.TTFT + "_count"])
