@@ -227,6 +227,20 @@ class RayPublisher:
             self._energy.inc(gpu.energy_joules - previous, tags=dict(tags))
 
 
+def visible_devices() -> str | None:
+    """This process's GPU selection in CUDA_VISIBLE_DEVICES syntax (None: every GPU).
+
+    Inside a Ray worker Ray's assignment wins: Ray 2.60 leaves
+    CUDA_VISIBLE_DEVICES unset for a zero-GPU actor (the ingress), which would
+    otherwise make it report every GPU of the node.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ",".join(str(i) for i in ray.get_gpu_ids())
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
 class TelemetrySampler:
     """Samples NVML and CPU every ``interval_s`` on a daemon thread.
 
@@ -237,7 +251,7 @@ class TelemetrySampler:
     def __init__(self, model: str, component: str, interval_s: float = DEFAULT_INTERVAL_S,
                  publisher: RayPublisher | None = None) -> None:
         self.interval_s = interval_s
-        self.nvml = NvmlReader(os.environ.get("CUDA_VISIBLE_DEVICES"))
+        self.nvml = NvmlReader(visible_devices())
         self.cpu = CpuReader()
         self.publisher = publisher or RayPublisher(model, component)
         self._stop = threading.Event()

@@ -34,6 +34,13 @@ def test_select_visible_follows_cuda_rules(env: str | None, expected: list[int])
     assert [i for i, _ in select_visible(DEVICES, env)] == expected
 
 
+def test_visible_devices_outside_ray_follows_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert telemetry.visible_devices() == "1,0"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert telemetry.visible_devices() is None
+
+
 def test_nvml_reader_without_driver_reports_unavailable_and_no_gpus() -> None:
     reader = NvmlReader(None)
     samples = reader.read()

@@ -20,6 +20,7 @@ from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 from llmslo.generate import names as n
 from llmslo.generate.promql import num
+from llmslo.generate.rules import events_in
 from llmslo.slo import SLOConfig
 
 DATASOURCE_UID = "llmslo-prometheus"
@@ -72,9 +73,7 @@ def _quantile(q: float, metric: str, matcher: str = M) -> str:
 
 
 def _events(metric: str, window: str) -> str:
-    sel = f"{metric}{{{M}}}"
-    return (f"sum((increase({sel}[{window}]) and {sel} offset {window}) or ({sel} unless {sel} offset {window}))"
-            " or vector(0)")
+    return events_in(metric, window, by="", matcher=M) + " or vector(0)"
 
 
 def _overview(cfg: SLOConfig) -> list:
@@ -83,7 +82,8 @@ def _overview(cfg: SLOConfig) -> list:
     gpu, cpu = k["gpu_memory_gb"], k["cpu_percent"]
     q_ttft = float(ttft.stat[1:]) / 100
     q_tpot = 1 - float(decode.stat[1:]) / 100
-    capacity = f"sum({n.REPLICA_CAPACITY}{{{M}}} and on (replica) ({n.SERVE_REPLICA_HEALTHY} == 1))"
+    capacity = (f'sum({n.REPLICA_CAPACITY}{{{M},component="{n.MODEL_COMPONENT}"}}'
+                f" and on (replica) ({n.SERVE_REPLICA_HEALTHY} == 1))")
     return [
         _stat(f"TTFT {ttft.stat} (5m)", _quantile(q_ttft, n.TTFT).replace(RI, "5m"), "s", ttft.target, True,
               f"{ttft.title}; target < {num(ttft.target)} s. Server-side histogram estimate."),

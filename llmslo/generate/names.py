@@ -41,6 +41,7 @@ GPU_ENERGY = _RAY + telemetry.GPU_ENERGY
 NVML_AVAILABLE = _RAY + telemetry.NVML_AVAILABLE
 PROCESS_CPU = _RAY + telemetry.PROCESS_CPU
 REPLICA_CAPACITY = _RAY + telemetry.REPLICA_CAPACITY
+MODEL_COMPONENT = "replica"   # component label of model replicas (the ingress is "ingress"), serve/model.py
 
 # Ray Serve's built-in metrics (Ray 2.60).
 SERVE_TARGET_REPLICAS = "ray_serve_autoscaling_target_replicas"

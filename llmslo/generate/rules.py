@@ -105,10 +105,20 @@ def _histogram_quantile(q: float, metric: str, window: str = LATENCY_WINDOW) -> 
     return f"histogram_quantile({num(q)}, sum by (model, le) (rate({metric}_bucket[{window}])))"
 
 
-def _events_in(metric: str, window: str) -> str:
-    """Events per model in the last ``window``, counting series born inside it."""
-    return (f"sum by (model) ((increase({metric}[{window}]) and {metric} offset {window})"
-            f" or ({metric} unless {metric} offset {window}))")
+def events_in(metric: str, window: str, by: str = "model", matcher: str = "") -> str:
+    """Events in the last ``window``, summed ``by``, counting counter series born inside it.
+
+    A series older than the window contributes its ``increase``. A younger one
+    (Ray creates it at the first event) contributes its whole value, but only if
+    Prometheus scraped its target successfully more often in the window than it
+    saw the series: after a Prometheus restart an old counter shows up as "new"
+    with exactly as many samples as ``up`` has, and is not counted.
+    """
+    m = f"{metric}{{{matcher}}}" if matcher else metric
+    born_inside = (f"({m} unless {m} offset {window})"
+                   f" and (count_over_time({m}[{window}]) < on (instance, job) group_left ()"
+                   f" sum_over_time(up[{window}]))")
+    return f"sum by ({by}) ((increase({m}[{window}]) and {m} offset {window}) or ({born_inside}))"
 
 
 # --- SLO recording rules and burn-rate alerts -------------------------------------------------
@@ -292,16 +302,19 @@ def _decode_alert(cfg: SLOConfig) -> Alert:
 def _capacity_alert(cfg: SLOConfig) -> Alert:
     kpi = cfg.kpis["concurrency"]
     model = cfg.service.model
-    value = (f"sum by (model) ({n.REPLICA_CAPACITY} and on (replica) "
+    value = (f'sum by (model) ({n.REPLICA_CAPACITY}{{component="{n.MODEL_COMPONENT}"}} and on (replica) '
              f"({n.SERVE_REPLICA_HEALTHY} == 1))")
 
     def replicas(per_replica: float, healthy: tuple[int, int]) -> dict[str, str]:
         series = {}
         for i, up in enumerate(healthy):
             rep = f"r{i}"
-            series[selector(n.REPLICA_CAPACITY, {"model": model, "component": "replica", "replica": rep})] = \
-                f"{num(per_replica)}x30"
+            series[selector(n.REPLICA_CAPACITY, {"model": model, "component": n.MODEL_COMPONENT,
+                                                 "replica": rep})] = f"{num(per_replica)}x30"
             series[selector(n.SERVE_REPLICA_HEALTHY, {"deployment": "model", "replica": rep})] = f"{up}x30"
+        # the ingress is a Serve replica too; its max_ongoing_requests is no model capacity
+        series[selector(n.REPLICA_CAPACITY, {"model": model, "component": "ingress", "replica": "i0"})] = "1000x30"
+        series[selector(n.SERVE_REPLICA_HEALTHY, {"deployment": "ingress", "replica": "i0"})] = "1x30"
         return series
 
     half = kpi.target / 2
@@ -326,24 +339,30 @@ def _event_alert(name: str, kpi: KPI, metric: str, window: str, model: str, extr
     """Zero-tolerance count of rare events in a window; no ``for``: one event is the breach."""
     step = 60 if seconds(window) <= 3600 else 600
     per_window = seconds(window) // step
-    sel = selector(metric, {"model": model, **extra})
+    target = {"instance": "serve:8080", "job": n.SERVER_JOB}
+    sel = selector(metric, {"model": model, **extra, **target})
+    up = {selector("up", target): f"1x{3 * per_window}"}
     fired = {"model": model}
     after = per_window + 10           # event at this sample index
+
+    def case(name: str, values: str, at: int, fires: bool) -> Scenario:
+        return Scenario(name, {**up, sel: values}, at * step // 60, fires, fired if fires else {}, step)
+
     return _threshold_alert(
-        name, f"({_events_in(metric, window)})", BREACH[kpi.op], kpi.target,
+        name, f"({events_in(metric, window)})", BREACH[kpi.op], kpi.target,
         severity=severity, summary=summary, description=description, runbook=runbook,
         scenarios=(
-            Scenario("first event of a new process (series appears at 1) fires",
-                     {sel: f"_x10 1x{per_window}"}, 20 * step // 60, True, fired, step),
-            Scenario("an existing counter incrementing fires",
-                     {sel: f"1x{per_window + 10} 2x{per_window}"}, (after + 5) * step // 60, True, fired, step),
-            Scenario("no event for longer than the window is silent",
-                     {sel: f"1x{2 * per_window + 10}"}, (2 * per_window + 5) * step // 60, False, {}, step),
-            Scenario(f"last event one step less than {window} ago fires",
-                     {sel: f"1x{after - 1} 2x{2 * per_window}"}, (after + per_window - 1) * step // 60, True, fired,
-                     step),
-            Scenario(f"last event exactly {window} ago is silent",
-                     {sel: f"1x{after - 1} 2x{2 * per_window}"}, (after + per_window) * step // 60, False, {}, step),
+            case("first event of a process (series appears at 1) fires", f"_x10 1x{per_window}", 20, True),
+            case("an existing counter incrementing fires", f"1x{after} 2x{per_window}", after + 5, True),
+            case("no event for longer than the window is silent", f"1x{2 * per_window + 10}", 2 * per_window + 5,
+                 False),
+            case(f"last event one step less than {window} ago fires", f"1x{after - 1} 2x{2 * per_window}",
+                 after + per_window - 1, True),
+            case(f"last event exactly {window} ago is silent", f"1x{after - 1} 2x{2 * per_window}",
+                 after + per_window, False),
+            Scenario("an old counter seen by a freshly started Prometheus is silent",
+                     {selector("up", target): f"_x20 1x{per_window}", sel: f"_x20 3x{per_window}"},
+                     30 * step // 60, False, {}, step),
         ),
     )
 
