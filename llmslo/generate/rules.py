@@ -108,17 +108,19 @@ def _histogram_quantile(q: float, metric: str, window: str = LATENCY_WINDOW) -> 
 def events_in(metric: str, window: str, by: str = "model", matcher: str = "") -> str:
     """Events in the last ``window``, summed ``by``, counting counter series born inside it.
 
-    A series older than the window contributes its ``increase``. A younger one
-    (Ray creates it at the first event) contributes its whole value, but only if
-    Prometheus scraped its target successfully more often in the window than it
-    saw the series: after a Prometheus restart an old counter shows up as "new"
-    with exactly as many samples as ``up`` has, and is not counted.
+    Ray creates a counter series at its first event, which ``increase()`` alone
+    would miss. A series is "born inside" the window when it is younger than the
+    window and Prometheus scraped its target successfully more often in the
+    window than it saw the series; such a series counts with its whole value.
+    Any other series counts its ``increase``. After a Prometheus restart an old
+    counter has exactly as many samples as ``up`` has, so it is not mistaken for
+    new events, while its later increments still count.
     """
     m = f"{metric}{{{matcher}}}" if matcher else metric
-    born_inside = (f"({m} unless {m} offset {window})"
-                   f" and (count_over_time({m}[{window}]) < on (instance, job) group_left ()"
-                   f" sum_over_time(up[{window}]))")
-    return f"sum by ({by}) ((increase({m}[{window}]) and {m} offset {window}) or ({born_inside}))"
+    born = (f"(({m} unless {m} offset {window})"
+            f" and (count_over_time({m}[{window}]) < on (instance, job) group_left ()"
+            f" sum_over_time(up[{window}])))")
+    return f"sum by ({by}) ((increase({m}[{window}]) unless {born}) or {born})"
 
 
 # --- SLO recording rules and burn-rate alerts -------------------------------------------------
@@ -363,6 +365,9 @@ def _event_alert(name: str, kpi: KPI, metric: str, window: str, model: str, extr
             Scenario("an old counter seen by a freshly started Prometheus is silent",
                      {selector("up", target): f"_x20 1x{per_window}", sel: f"_x20 3x{per_window}"},
                      30 * step // 60, False, {}, step),
+            Scenario("that old counter incrementing after the restart fires",
+                     {selector("up", target): f"_x20 1x{per_window}", sel: f"_x20 3x5 4x{per_window}"},
+                     30 * step // 60, True, fired, step),
         ),
     )
 
