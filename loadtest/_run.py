@@ -80,7 +80,7 @@ class Run:
             self.finals.add(payload["worker"])
         for rec in payload["records"]:
             self.add(rec)
-        mine = self.worker_samples.setdefault(payload["worker"], {"loop_lag_s": [], "cpu_percent": []})
+        mine = self.worker_samples.setdefault(payload["worker"], {"loop_lag_s": [], "cpu_percent": [], "cpu_seconds": []})
         for key, values in payload["selfcheck"].items():
             mine[key].extend(values)
 
@@ -106,8 +106,7 @@ class Run:
         levels = _verdict.level_table(records, slo, self.windows)
         facts = self.server.facts() if self.server else _verdict.ServerFacts()
         kpis = _verdict.verdict(records, slo, levels, facts, duration)
-        local = {self.worker_id: {"loop_lag_s": list(self.selfcheck.loop_lag_s), "cpu_percent": list(self.selfcheck.cpu_percent)}}
-        samples = self.worker_samples if self.worker_samples else local
+        samples = self.worker_samples if self.worker_samples else {self.worker_id: self.selfcheck.snapshot()}
         validity = _selfcheck.validity(
             samples,
             [r["schedule_lag_s"] for r in records if r["schedule_lag_s"] is not None],
@@ -126,7 +125,7 @@ class Run:
             "validity": validity,
             "kpis": kpis,
             "levels": levels,
-            "metrics": _verdict.metric_table(records),
+            "metrics": _verdict.metric_table(records) if final else {},  # the live view skips the heavy part
             "requests": {
                 "total": len(records),
                 "failed": len(failed),
@@ -205,7 +204,7 @@ def on_test_start(environment, **_kw) -> None:
     runner = environment.runner
     if not isinstance(runner, MasterRunner):  # only processes that run users check themselves
         RUN.selfcheck.start()
-        RUN.selfcheck.drain()
+        RUN.selfcheck.reset()
     if RUN.is_worker:
         RUN.pending = []
         try:  # the master validated these same options already

@@ -23,6 +23,17 @@ class SelfCheck:
         self.loop_lag_s: list[float] = []
         self.cpu_percent: list[float] = []
         self._greenlet: gevent.Greenlet | None = None
+        self._proc = psutil.Process()
+        self._cpu_at_reset = 0.0
+
+    def reset(self) -> None:
+        """Start of a run: drop old samples, restart the CPU-seconds count."""
+        self.drain()
+        self._cpu_at_reset = self._cpu_seconds()
+
+    def _cpu_seconds(self) -> float:
+        times = self._proc.cpu_times()
+        return times.user + times.system
 
     def start(self) -> None:
         if self._greenlet is None:
@@ -41,10 +52,16 @@ class SelfCheck:
                 self.cpu_percent.append(proc.cpu_percent(None))
 
     def drain(self) -> dict[str, list[float]]:
-        """Samples since the last drain (for shipping to the master)."""
-        out = {"loop_lag_s": self.loop_lag_s, "cpu_percent": self.cpu_percent}
+        """Samples since the last drain, and CPU seconds used since reset (for shipping to the master)."""
+        out = {"loop_lag_s": self.loop_lag_s, "cpu_percent": self.cpu_percent,
+               "cpu_seconds": [self._cpu_seconds() - self._cpu_at_reset]}
         self.loop_lag_s, self.cpu_percent = [], []
         return out
+
+    def snapshot(self) -> dict[str, list[float]]:
+        """Samples so far without draining (single-process runs keep them here)."""
+        return {"loop_lag_s": list(self.loop_lag_s), "cpu_percent": list(self.cpu_percent),
+                "cpu_seconds": [self._cpu_seconds() - self._cpu_at_reset]}
 
 
 def validity(
@@ -60,7 +77,8 @@ def validity(
     for worker, samples in sorted(per_worker.items()):
         cpu = np.percentile(samples["cpu_percent"], 90) if samples["cpu_percent"] else None
         lag = np.percentile(samples["loop_lag_s"], 99) if samples["loop_lag_s"] else None
-        workers[worker] = {"cpu_percent_p90": cpu, "loop_lag_p99_s": lag}
+        workers[worker] = {"cpu_percent_p90": cpu, "loop_lag_p99_s": lag,
+                           "cpu_seconds": max(samples.get("cpu_seconds") or [0.0])}
         if cpu is not None and cpu > max_cpu:
             reasons.append(f"{worker}: CPU p90 {cpu:.0f}% > {max_cpu:.0f}%")
         if lag is not None and lag > max_loop_lag_s:

@@ -1,0 +1,129 @@
+"""How exact is the load generator? Client stamps vs a ground-truth server's emit times.
+
+The truth server (loadtest/_truth_server.py) runs pinned to one CPU core and
+logs the CLOCK_MONOTONIC time of every token write; one Locust process (one
+"worker") runs pinned to another core with N concurrent closed-loop streams.
+Per level N it reports:
+
+- TTFT error = client-stamped arrival of the first token - server write time of
+  it (the request's start is the same client clock reading on both sides);
+- ITL error = client gap between consecutive token chunks - server gap;
+- achieved vs target concurrency (time-average requests in flight at the level);
+- generator CPU-seconds per 1,000 streamed chunks (the process's user+system
+  CPU over the run, from its self-check);
+- whether the run's self-check marked the generator saturated.
+
+Not a test: run by hand, write the table into docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/loadgen_accuracy.py --streams 1 64 256 1024 --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from loadtest._headless import locust_command  # noqa: E402
+from loadtest._truth_server import fetch_truth, running  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_level(streams: int, args: argparse.Namespace, workdir: Path) -> dict:
+    """Run one level; return the row of the results table."""
+    report = workdir / f"n{streams}"
+    server_flags = ("--ttft", str(args.ttft), "--itl", str(args.itl), "--cpu", str(args.server_cpu))
+    with running(free_port(), *server_flags) as url:
+        cmd = locust_command(url, report, streams, f"{args.duration}s", "--mix", "text=1", "--short-share", "0",
+                             "--input-tokens", "32", "--output-tokens", str(args.tokens),
+                             "--stall-timeout", "60", "--request-timeout", "300")
+        cmd[cmd.index("-r") + 1] = str(max(1, streams // 2))  # spawn within ~2 s
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240,
+                              preexec_fn=lambda: os.sched_setaffinity(0, {args.client_cpu}))
+        truth = fetch_truth(url)
+    summary = json.loads((report / "summary.json").read_text())
+    records = [json.loads(line) for line in (report / "requests.jsonl").read_text().splitlines()]
+    ok = [r for r in records if r["ok"] and r["id"] in truth and r["level"] == streams]
+    ttft_err, itl_err, chunks = [], [], 0
+    for r in ok:
+        t = truth[r["id"]]
+        ttft_err.append(r["start_mono"] + r["ttft_s"] - t["emits"][0])
+        server_gaps = np.diff(t["emits"])
+        if len(server_gaps) == len(r["itl_s"]):
+            itl_err.extend(np.asarray(r["itl_s"]) - server_gaps)
+    for r in records:
+        chunks += r["content_deltas"] + r["reasoning_deltas"]
+    level = next((row for row in summary["levels"] if row["level"] == streams), {})
+    worker = next(iter(summary["validity"]["workers"].values()), {})
+    ms = lambda a, q: float(np.percentile(np.abs(a), q) * 1000) if len(a) else float("nan")  # noqa: E731
+    return {
+        "streams": streams,
+        "requests": len(ok),
+        "ttft_err_p50_ms": ms(ttft_err, 50),
+        "ttft_err_p99_ms": ms(ttft_err, 99),
+        "itl_err_p50_ms": ms(itl_err, 50),
+        "itl_err_p99_ms": ms(itl_err, 99),
+        "achieved_concurrency": level.get("achieved_concurrency"),
+        "cpu_s_per_1000_chunks": worker.get("cpu_seconds", 0.0) / chunks * 1000 if chunks else float("nan"),
+        "generator_cpu_p90": worker.get("cpu_percent_p90"),
+        "loop_lag_p99_ms": (worker.get("loop_lag_p99_s") or 0) * 1000,
+        "saturated": not summary["validity"]["valid"],
+        "failed": summary["requests"]["failed"],
+        "locust_exit": proc.returncode,
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| streams | requests | \\|TTFT err\\| p50 / p99 (ms) | \\|ITL err\\| p50 / p99 (ms) | achieved concurrency "
+            "| CPU-s per 1000 chunks | generator CPU p90 | loop lag p99 (ms) | saturated | failed |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        achieved = f"{r['achieved_concurrency']:.1f}" if r["achieved_concurrency"] is not None else "n/a"
+        lines.append(
+            f"| {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
+            f"| {r['itl_err_p50_ms']:.2f} / {r['itl_err_p99_ms']:.2f} | {achieved} of {r['streams']} "
+            f"| {r['cpu_s_per_1000_chunks']:.3f} | {r['generator_cpu_p90'] or 0:.0f} % | {r['loop_lag_p99_ms']:.1f} "
+            f"| {'yes' if r['saturated'] else 'no'} | {r['failed']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256, 1024])
+    p.add_argument("--duration", type=int, default=20, help="seconds per level")
+    p.add_argument("--ttft", type=float, default=0.32, help="server TTFT (seed: 2x RTX 4090, 320 ms)")
+    p.add_argument("--itl", type=float, default=0.018, help="server inter-token gap (seed: 18 ms/token)")
+    p.add_argument("--tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--client-cpu", type=int, default=1)
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = []
+        for n in args.streams:
+            rows.append(one_level(n, args, Path(tmp)))
+            print(json.dumps(rows[-1]), flush=True)
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
