@@ -3,7 +3,7 @@
 Both processes read CLOCK_MONOTONIC, so each client stamp can be compared with
 the server's write time of the same token. The truth TTFT of a request is the
 server's write time of its first token minus the client's request start (the
-request's trip to the server is part of real TTFT). Low load (2 users) on loopback.
+request's trip to the server is part of real TTFT). Low load (3 users) on loopback.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def _records(report_dir) -> list[dict]:
 
 def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path):
     with running(free_port(), "--ttft", "0.08", "--itl", "0.015", "--reasoning", "3") as url:
-        out = run_headless(url, tmp_path, 2, "4s", *TEXT_ONLY, "--thinking-share", "1", timeout=120)
+        out = run_headless(url, tmp_path, 3, "5s", *TEXT_ONLY, "--thinking-share", "1", timeout=120)
         truth = fetch_truth(url)
     ok = [r for r in _records(tmp_path) if r["ok"]]
-    assert len(ok) >= 6, out.output[-2000:]
+    assert len(ok) >= 30, out.output[-2000:]
     errors: dict[str, list[float]] = {"ttft": [], "ttfo": [], "itl": [], "tpot": []}
     for r in ok:
         t = truth[r["id"]]
@@ -48,7 +48,7 @@ def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path):
         # 2 ms for 95 % of samples; a 2-core machine shared by several test runs can
         # deschedule the client now and then, which delays a stamp for real
         assert np.percentile(np.abs(errs), 95) < 0.002, (name, sorted(np.abs(errs))[-5:])
-        assert np.max(np.abs(errs)) < 0.05, (name, max(np.abs(errs)))
+        assert np.median(np.abs(errs)) < 0.0005, name
     assert out.summary["requests"]["usage_vs_delta_discrepancies"] == 0
 
 
