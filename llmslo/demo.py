@@ -36,6 +36,11 @@ from llmslo.slo import SLOConfig, load_slo
 
 # Ray exports metrics every 10 s by default: too coarse for a 2-minute run's snapshot.
 SERVE_DEFAULTS = ["--metrics-interval-ms", "2000"]
+# One image of at most 896 px a side (<= 1026 prompt tokens, serve/tokens.py) keeps the
+# seed's 512-token prompt plus 256 output tokens inside the served 2048-token context
+# (serve/config.yaml max_model_len, the seed's vLLM --max-model-len); larger images
+# are rejected with HTTP 400 and would count as errors.
+LOAD_DEFAULTS = ["--images-max", "1", "--image-max-px", "896"]
 STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "NOT MEASURED": "yellow"}
 
 
@@ -56,7 +61,7 @@ def locust_service(ports: stack.Ports, report_dir: Path, steps: list[int], step_
          "--step-users", ",".join(map(str, steps)), "--step-duration", f"{step_s:g}",
          "--report-dir", str(report_dir),
          "--server-metrics-url", f"http://127.0.0.1:{ports.ray_metrics}/metrics",
-         *extra],
+         *LOAD_DEFAULTS, *extra],
         ready_url=f"http://127.0.0.1:{ports.locust}/",
         url=f"http://127.0.0.1:{ports.locust}",
     )
