@@ -189,7 +189,7 @@ def _parser(slo: SLOConfig) -> argparse.ArgumentParser:
     steps = ",".join(map(str, default_steps(slo)))
     parser.add_argument("--step-users", default=steps,
                         help="concurrent streams of each step (default: %(default)s)")
-    parser.add_argument("--step-duration", type=float, default=20.0,
+    parser.add_argument("--step-duration", type=float, default=30.0,
                         help="seconds per step (default: %(default)s)")
     parser.add_argument("--report-dir", type=Path, help="report folder (default: reports/demo-<time>)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
