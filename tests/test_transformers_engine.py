@@ -187,3 +187,38 @@ def test_bad_config_and_memory_budget_are_refused(run):
         run(TransformersEngine("m", **{**TINY, "synthetic_preset": "nope"}).start())
     with pytest.raises(EngineError, match="gpu_memory_limit_gib"):
         run(TransformersEngine("m", **{**TINY, "gpu_memory_limit_gib": 0.0001}).start())
+
+
+class _StubCache:
+    """Returns fixed cached keys/values, as PagedAttentionCache.update does after writing."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, read_index, write_index):
+        return self.keys, self.values
+
+
+@pytest.mark.parametrize("q_len", [1, 8, 300])  # 300 > FOLD_MAX_QUERY_TOKENS: the library's path
+def test_folded_gqa_attention_matches_library_sdpa(q_len):
+    from transformers.integrations.sdpa_paged import sdpa_attention_paged_forward
+
+    from serve.engines.gqa_attention import folded_gqa_paged_attention
+
+    torch.manual_seed(q_len)
+    heads, kv_heads, dim, kv_len = 8, 2, 16, 333
+    module = torch.nn.Module()
+    module.layer_idx, module.num_key_value_groups = 0, heads // kv_heads
+    query = torch.randn(1, heads, q_len, dim, dtype=torch.float64)
+    keys = torch.randn(kv_len, kv_heads, dim, dtype=torch.float64)
+    values = torch.randn(kv_len, kv_heads, dim, dtype=torch.float64)
+    allowed = torch.rand(q_len, kv_len) < 0.7  # any packed/causal pattern; keep one key per row
+    allowed[:, 0] = True
+    mask = torch.zeros(1, 1, q_len, kv_len, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    new_kv = torch.randn(1, kv_heads, q_len, dim, dtype=torch.float64)  # written to the cache, then read back
+    kwargs = {"read_index": None, "write_index": None, "scaling": dim**-0.5}
+    ref, _ = sdpa_attention_paged_forward(module, query, new_kv, new_kv, mask, cache=_StubCache(keys, values), **kwargs)
+    out, _ = folded_gqa_paged_attention(module, query, new_kv, new_kv, mask, cache=_StubCache(keys, values), **kwargs)
+    assert out.shape == ref.shape == (1, q_len, heads, dim)
+    # the folded path takes its softmax in float32 (as it does for bf16), hence not 1e-15
+    assert torch.linalg.norm(out - ref) / torch.linalg.norm(ref) < 1e-5

@@ -29,7 +29,7 @@ from transformers.generation.continuous_batching.continuous_api import (
 )
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from serve.engines import synthetic_glm
+from serve.engines import gqa_attention, synthetic_glm
 from serve.engines.base import (
     EngineError,
     EngineOOMError,
@@ -56,11 +56,16 @@ class TransformersEngineConfig(BaseModel):
     gpus_per_replica: int | None = Field(None, ge=0)
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: str = "paged|sdpa"
+    gqa_folding: bool = True  # paged|sdpa decode steps without repeat_kv (serve/engines/gqa_attention.py)
     kv_cache_gib: float = Field(4.0, gt=0)  # KV-cache budget per replica (all its GPUs together)
     block_size: int = Field(256, ge=4)
     max_batch_tokens: int = Field(2048, gt=0)  # tokens per forward pass (prefill chunks + decodes)
     max_requests_per_batch: int = Field(32, gt=0)
     cuda_graphs: bool = True  # on a one-GPU replica; always off when the layers span several GPUs
+    # CUDA-graph shapes are padded up to these multiples (0 = the library's 64 query / 16384 KV tokens).
+    # Decode reads the whole padded KV length every step, so a small KV interval keeps decode fast.
+    q_padding_interval: int = Field(0, ge=0)
+    kv_padding_interval: int = Field(0, ge=0)
     async_batching: bool | None = None  # None: the library decides
     compile_level: int = Field(0, ge=0, le=3)  # the library's default_compile_level
     prefix_caching: bool = False  # off: every request pays its full prefill, as the benchmark assumes
@@ -103,6 +108,8 @@ class TransformersEngine:
                 self.model = synthetic_glm.build_model(cfg, devices, _DTYPES[self.config.dtype], self.config.seed)
             else:
                 self.model, self.tokenizer = self._load_checkpoint(devices)
+            if self.config.gqa_folding:
+                gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
             self._manager = self._new_manager()
         except torch.OutOfMemoryError as exc:
@@ -169,6 +176,8 @@ class TransformersEngine:
             max_requests_per_batch=c.max_requests_per_batch,
             allow_block_sharing=c.prefix_caching,
             use_cuda_graph=cuda_graphs,
+            q_padding_interval_size=c.q_padding_interval,
+            kv_padding_interval_size=c.kv_padding_interval,
             use_async_batching=c.async_batching,
             default_compile_level=c.compile_level,
             seed=c.seed,
