@@ -30,12 +30,14 @@ _VAR = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?
 
 
 def env_example() -> dict[str, str]:
-    """The variables .env.example documents, with their example values."""
-    env = {}
+    """The variables .env.example documents (each under a comment line), with their values."""
+    env, previous = {}, ""
     for line in (ROOT / ".env.example").read_text().splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
+            assert previous.startswith("# "), f".env.example: {key} has no comment line"
             env[key.strip()] = value.strip()
+        previous = line
     return env
 
 
@@ -242,3 +244,9 @@ def test_dockerfile_installs_the_package_as_the_readme_does() -> None:
     runs = [line[4:] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("RUN ")]
     installs = [_pip_install_args(r) for r in runs if r.startswith("pip install")]
     assert installs == [_pip_install_args(block.group(1))], "the base install must be the README's"
+
+
+def test_readme_documents_every_env_variable() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name, default in env_example().items():
+        assert f"| `{name}` | " in readme, f"README's .env table lacks {name}"
