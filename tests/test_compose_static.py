@@ -245,8 +245,3 @@ def test_dockerfile_installs_the_package_as_the_readme_does() -> None:
     installs = [_pip_install_args(r) for r in runs if r.startswith("pip install")]
     assert installs == [_pip_install_args(block.group(1))], "the base install must be the README's"
 
-
-def test_readme_documents_every_env_variable() -> None:
-    readme = (ROOT / "README.md").read_text()
-    for name, default in env_example().items():
-        assert f"| `{name}` | " in readme, f"README's .env table lacks {name}"
