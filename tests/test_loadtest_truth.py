@@ -50,21 +50,25 @@ def _errors(tmp_path) -> tuple[dict[str, list[float]], dict]:
 
 
 def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path):
-    """Within 2 ms for 95 % of samples (the median always under 0.5 ms).
+    """Within 2 ms for 95 % of samples whenever the generator's self-check says the run is valid.
 
-    The 2-core test machine is shared by parallel test runs; a descheduled
-    client or server shifts a stamp by several ms for real, so a run may be
-    repeated (up to 3 runs) to find a quiet one.
+    The median error must be under 0.5 ms in every run. The 2-core test machine
+    is shared by parallel test runs; when a neighbour deschedules the client,
+    stamps shift by real milliseconds and the run's self-check (gevent loop lag)
+    marks it invalid, so such a run is repeated (3 runs at most).
     """
-    worst = {}
+    reasons = []
     for attempt in range(3):
         errors, summary = _errors(tmp_path / str(attempt))
         for name, errs in errors.items():
             assert np.median(np.abs(errs)) < 0.0005, name
+        if not summary["validity"]["valid"]:
+            reasons += summary["validity"]["reasons"]
+            continue
         worst = {name: float(np.percentile(np.abs(errs), 95)) for name, errs in errors.items()}
-        if max(worst.values()) < 0.002:
-            return
-    pytest.fail(f"p95 |error| above 2 ms in 3 runs: {worst}")
+        assert max(worst.values()) < 0.002, worst
+        return
+    pytest.skip(f"no valid run: this machine is too loaded to judge 2 ms accuracy ({'; '.join(reasons)})")
 
 
 def test_tokens_come_from_usage_and_packing_is_reported(tmp_path):
