@@ -10,6 +10,7 @@ import io
 import json
 import math
 import struct
+import time
 import wave
 
 import httpx
@@ -224,3 +225,22 @@ def test_requests_reach_both_replicas(serve_app):
         if len(seen) == serve_app.replicas:
             break
     assert len(seen) == serve_app.replicas
+
+
+def test_one_json_log_line_per_request_without_payload(serve_app):
+    secret = "do-not-log-this-prompt-7f3a"
+    resp = _client(serve_app).chat.completions.create(
+        model=serve_app.model, messages=[{"role": "user", "content": secret}], max_tokens=3
+    )
+    deadline = time.monotonic() + 30
+    line = None
+    while line is None and time.monotonic() < deadline:
+        text = serve_app.log_path.read_text(errors="replace")
+        line = next((ln for ln in text.splitlines() if resp.id in ln), None)
+        time.sleep(0.5)
+    assert line, "no log line for the request"
+    record = json.loads(line[line.index("{"):])
+    assert record["event"] == "request" and record["status"] == "ok" and record["code"] == 200
+    assert record["completion_tokens"] == 3 and record["prompt_tokens"] == resp.usage.prompt_tokens
+    assert record["replica"] and record["model"] == serve_app.model and record["ttft_s"] > 0
+    assert secret not in serve_app.log_path.read_text(errors="replace")
