@@ -155,6 +155,22 @@ def configured_engine(serve_args: list[str]) -> str:
     return str(app_config(parse_args(serve_args))[2].get("engine", "unknown"))
 
 
+def final_scrape(metrics_url: str) -> dict[str, Any]:
+    """Without Prometheus: the llmslo samples of one scrape of the server at the end of the run."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(metrics_url, timeout=5.0)
+    samples = [
+        {"name": sample.name, "labels": sample.labels, "value": sample.value}
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+        if sample.name.startswith("ray_llmslo_")
+    ]
+    return {"source": metrics_url, "time": time.time(),
+            "note": "Prometheus is not installed: one scrape of the server at the end of the run",
+            "samples": samples}
+
+
 def platform(prometheus_url: str | None, ray_metrics_url: str, engine: str) -> dict[str, str]:
     """Engine, weights and GPUs of the server, for ``llmslo compare``'s platform column.
 
@@ -218,14 +234,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         start = time.time()
         code = watch(locust, the_stack, steps, args.step_duration, console)
         end = time.time()
+        metrics_url = f"http://127.0.0.1:{ports.ray_metrics}/metrics"
         with console.status("saving the server and GPU metrics of the run…"):
-            if prometheus:
-                time.sleep(6.0)  # one more Ray export + Prometheus scrape covers the last seconds
-                (report_dir / "server_metrics.json").write_text(
-                    json.dumps(snapshot(prometheus, start, end), indent=1))
-            (report_dir / "platform.json").write_text(
-                json.dumps(platform(prometheus, f"http://127.0.0.1:{ports.ray_metrics}/metrics",
-                                    configured_engine(args.serve_arg)), indent=1))
+            time.sleep(6.0)  # one more Ray export (and Prometheus scrape) covers the last seconds
+            server = snapshot(prometheus, start, end) if prometheus else final_scrape(metrics_url)
+            (report_dir / "server_metrics.json").write_text(json.dumps(server, indent=1))
+            (report_dir / "platform.json").write_text(json.dumps(
+                platform(prometheus, metrics_url, configured_engine(args.serve_arg)), indent=1))
     finally:
         with console.status("stopping the stack…"):
             the_stack.stop()

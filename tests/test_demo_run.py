@@ -68,3 +68,13 @@ def test_short_demo_leaves_a_complete_report(tmp_path: Path) -> None:
     assert f"SLO verdict: {summary['verdict']}" in output, output
     assert f"report: {report}" in output.replace("\n", ""), output
     assert (proc.returncode == 0) == (summary["verdict"].startswith("PASS")), (proc.returncode, output)
+
+
+def test_without_prometheus_the_snapshot_is_a_final_scrape(serve_app) -> None:
+    """The fallback snapshot reads the real server's exported llmslo series."""
+    from llmslo.demo import final_scrape
+
+    snapshot = final_scrape(serve_app.metrics_url)
+    names = {s["name"] for s in snapshot["samples"]}
+    assert "ray_llmslo_nvml_available" in names, sorted(names)
+    assert all(n.startswith("ray_llmslo_") for n in names)
