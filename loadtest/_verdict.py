@@ -31,12 +31,17 @@ CLIENT_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_t
 
 
 def describe(values: Iterable[float]) -> dict:
-    """count, mean, min, max and exact p10/p50/p90/p95/p99 of the samples."""
+    """count, mean, sd, min, max and exact p10/p50/p90/p95/p99 of the samples.
+
+    sd is the sample standard deviation (n - 1 denominator; None for one sample):
+    the seed's platform table reports TTFT and ms/token as mean ± sd.
+    """
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     if arr.size == 0:
         return {"count": 0}
     pct = np.percentile(arr, PERCENTILES)
-    out = {"count": int(arr.size), "mean": float(arr.mean()), "min": float(arr.min()), "max": float(arr.max())}
+    out = {"count": int(arr.size), "mean": float(arr.mean()), "sd": float(arr.std(ddof=1)) if arr.size > 1 else None,
+           "min": float(arr.min()), "max": float(arr.max())}
     out.update({f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)})
     return out
 
