@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from llmslo import compare
+from llmslo.slo import load_slo
+from loadtest import _verdict
 
 # seed 001 §4.2, as published
 SEED_LINES = [
@@ -19,19 +21,24 @@ SEED_LINES = [
 ]
 
 
+def _record(ttft: float, tpot: float, tokens: int, level: int) -> dict:
+    e2e = ttft + tpot * (tokens - 1)
+    return {"ok": True, "cls": "text", "level": level, "ttft_s": ttft, "ttfo_s": ttft, "tpot_s": tpot,
+            "e2e_s": e2e, "decode_tokens_per_s": 1 / tpot, "output_tokens_per_s": tokens / e2e,
+            "output_tokens": tokens, "itl_s": [tpot] * (tokens - 1), "schedule_lag_s": None}
+
+
 @pytest.fixture
 def sample_summary() -> dict:
-    """The parts of loadtest's summary.json that compare reads (docs/loadtest.md)."""
+    """summary.json's parts, computed by the load test's own code from known records."""
+    slo = load_slo()
+    records = [_record(0.1, 0.012, 32, 8), _record(0.11, 0.0125, 32, 8),
+               _record(0.1, 0.012, 32, 16), _record(0.095, 0.0135, 32, 16)]
+    levels = _verdict.level_table(records, slo, {8: 10.0, 16: 10.0})
     return {
-        "metrics": {
-            "ttft_seconds": {"all": {"count": 40, "mean": 0.10125, "sd": 0.0075}},
-            "tpot_seconds": {"all": {"count": 40, "mean": 0.012, "sd": 0.00125}},
-        },
-        "levels": [
-            {"level": 8, "output_tokens_per_s": 320.0},
-            {"level": 16, "output_tokens_per_s": 640.5},
-        ],
-        "kpis": {"concurrency": {"value": 16.0}},
+        "metrics": _verdict.metric_table(records),
+        "levels": levels,
+        "kpis": _verdict.verdict(records, slo, levels, _verdict.ServerFacts(), 20.0),
     }
 
 
@@ -51,7 +58,8 @@ def test_a_run_lands_next_to_the_seed(tmp_path: Path, sample_summary: dict) -> N
     assert compare.main([f"laptop sim={run}", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
     assert lines[2:6] == SEED_LINES
-    assert lines[6] == "| **laptop sim** | — | 101.2 ± 7.5 | 12.0 ± 1.2 | 640.5 | 16 |"
+    # TTFT 101.25 ± 6.29 ms, TPOT 12.5 ± 0.71 ms; level 16: 64 tokens / 10 s; both levels pass
+    assert lines[6] == "| **laptop sim** | — | 101.2 ± 6.3 | 12.5 ± 0.7 | 6.4 | 16 |"
 
 
 def test_unreadable_run_is_a_clear_error(tmp_path: Path) -> None:
