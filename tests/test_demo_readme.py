@@ -59,3 +59,12 @@ def test_env_table_defaults_match_env_example() -> None:
             key, _, value = line.partition("=")
             assert rows.get(key) == (value or "(empty)"), key
 
+
+
+def test_glossary_targets_are_slo_yaml() -> None:
+    from llmslo.slo import load_slo
+
+    for name, kpi in load_slo().kpis.items():
+        row = re.search(rf"^\| `{name}` \| .* \| `([^`]+)` \|$", README, re.M)
+        assert row, f"README's KPI glossary lacks {name}"
+        assert row.group(1) == f"{kpi.op} {kpi.target:g} {kpi.unit}", name
