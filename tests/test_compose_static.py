@@ -132,6 +132,9 @@ def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         raw_volumes = raw["services"][name].get("volumes", [])
         for raw_spec, spec in zip(raw_volumes, service.get("volumes", [])):
+            if isinstance(spec, dict):
+                assert spec["bind"].get("create_host_path"), f"{name}: long-form mounts are output folders"
+                continue
             source = spec.split(":")[0]
             if not source.startswith(".") or "${" in raw_spec.split(":")[0]:
                 continue  # named volume, or a host folder the user points at (e.g. weights)
@@ -198,6 +201,8 @@ def test_locust_points_at_serve_and_master(compose: dict[str, Any]) -> None:
     host = urlsplit(master[master.index("--host") + 1])
     assert host.hostname == "serve"
     assert_reachable(compose, f"{host.hostname}:{host.port}", "locust --host")
+    server_metrics = urlsplit(master[master.index("--server-metrics-url") + 1])
+    assert_reachable(compose, f"{server_metrics.hostname}:{server_metrics.port}", "--server-metrics-url")
     worker = compose["services"]["locust-worker"]
     master_host = worker["command"][worker["command"].index("--master-host") + 1]
     assert_reachable(compose, f"{master_host}:5557", "locust worker --master-host")
