@@ -198,20 +198,22 @@ def prompt_text(words: int, rng: random.Random) -> str:
 
 def synth_image(size: tuple[int, int], fmt: str, seed: int) -> str:
     """A base64 image: smooth gradient (compresses like a screenshot) plus a noise patch unique to seed."""
-    w, h = size
-    rs = np.random.default_rng(seed)
-    x = np.linspace(0, 255, w, dtype=np.float32)
-    y = np.linspace(0, 255, h, dtype=np.float32)[:, None]
-    base = rs.uniform(0.2, 1.0, 3).astype(np.float32)
-    pixels = np.empty((h, w, 3), np.uint8)
-    for c in range(3):
-        pixels[..., c] = ((x * base[c] + y * (1 - base[c])) % 256).astype(np.uint8)
-    patch = min(64, w, h)
-    pixels[:patch, :patch] = rs.integers(0, 256, (patch, patch, 3), dtype=np.uint8)
     from PIL import Image
 
+    w, h = size
+    rs = np.random.default_rng(seed)
+    xs = np.arange(w, dtype=np.uint32) * 255 // max(1, w - 1)
+    ys = (np.arange(h, dtype=np.uint32) * 255 // max(1, h - 1))[:, None]
+    pixels = np.empty((h, w, 3), np.uint8)
+    for c, weight in enumerate(rs.integers(1, 16, 3)):
+        pixels[..., c] = (xs * weight + ys * (16 - weight)) >> 4
+    patch = min(64, w, h)
+    pixels[:patch, :patch] = rs.integers(0, 256, (patch, patch, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG" if fmt == "jpeg" else "PNG", quality=85)
+    if fmt == "jpeg":
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=85)
+    else:
+        Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode()
 
 

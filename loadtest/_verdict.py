@@ -27,7 +27,6 @@ SAMPLE_METRICS = {
     "schedule_lag_s": "schedule_lag_seconds",
 }
 PERCENTILES = (10, 50, 90, 95, 99)
-CLIENT_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "error_rate")
 
 
 def describe(values: Iterable[float]) -> dict:
