@@ -196,6 +196,18 @@ def test_grafana_datasources_point_at_prometheus(compose: dict[str, Any]) -> Non
         assert_reachable(compose, f"{parts.hostname}:{parts.port}", f"Grafana datasource {url}")
 
 
+def test_grafana_dashboard_provider_reads_the_mounted_dashboards(compose: dict[str, Any]) -> None:
+    grafana = compose["services"]["grafana"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in grafana["volumes"] if isinstance(v, str)}
+    provisioning = ROOT / mounts["/etc/grafana/provisioning"]
+    paths = [p["options"]["path"] for f in (provisioning / "dashboards").glob("*.y*ml")
+             for p in yaml.safe_load(f.read_text())["providers"]]
+    assert paths
+    for path in paths:
+        assert path in mounts, f"Grafana's dashboard provider reads {path}, which nothing mounts"
+        assert list((ROOT / mounts[path]).glob("*.json")), f"no dashboards in {mounts[path]}"
+
+
 def test_locust_points_at_serve_and_master(compose: dict[str, Any]) -> None:
     master = compose["services"]["locust-master"]["command"]
     host = urlsplit(master[master.index("--host") + 1])
