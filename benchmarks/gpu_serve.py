@@ -1,0 +1,129 @@
+"""The full path on one GPU host: ``llmslo serve`` with the transformers engine + the project's load test.
+
+Everything runs on the host (no network there): a local Ray Serve app with one model replica over
+``--gpus`` GPUs (synthetic GLM-4-9B weights unless ``--engine-options`` names a ``model_path``), then
+``locust -f loadtest/`` headless with the seed's shape (text only, 512 in / 256 out, fixed length),
+closed loop at ``--users`` streams, server KPIs from Ray's metrics port. The load test's report
+folder (summary.json, requests.jsonl, report.html) lands in ``OUT/serve`` with a ``platform.json``
+for ``llmslo compare``; the server log in ``OUT/serve.log``.
+
+Usage: python3 benchmarks/gpu_serve.py --out DIR [--gpus 1] [--users 8] [--run-time 90s]
+           [--engine-options '{"kv_cache_gib": 4}'] [--platform-label "1×H100 (synthetic weights)"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs of the one model replica")
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--run-time", default="90s")
+    # The load test sizes prompts in words; serve/tokens.py counts ~1.28 tokens per such word, and the
+    # synthetic engine runs exactly the counted tokens: 400 words -> ~512 prompt tokens on the GPU.
+    p.add_argument("--input-words", type=int, default=400)
+    p.add_argument("--engine-options", default="{}", help="engine_options JSON (TransformersEngineConfig fields)")
+    p.add_argument("--platform-label", default="")
+    p.add_argument("--ready-timeout", type=float, default=420)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8080)
+    return p.parse_args()
+
+
+def write_config(args: argparse.Namespace) -> Path:
+    """serve/config.yaml with the transformers engine, one fixed replica on ``--gpus`` GPUs."""
+    config = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    app_args = config["applications"][0]["args"]
+    app_args.update(engine="transformers", engine_options=json.loads(args.engine_options),
+                    gpus_per_replica=args.gpus, num_replicas=1, cpus_per_replica=1.0)
+    app_args.pop("min_replicas", None)
+    app_args.pop("max_replicas", None)
+    path = args.out / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> float:
+    """Seconds until /healthz answers 200 (the model replica is up); raises if the server died."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"/healthz not ready after {timeout} s")
+
+
+def headline(summary_file: Path) -> dict[str, float | None]:
+    """The numbers the GPU note quotes, read from the load test's own summary (its definitions)."""
+    s = json.loads(summary_file.read_text())
+    m = s["metrics"]
+    prompts = [json.loads(line).get("prompt_tokens") for line in (summary_file.parent / "requests.jsonl").open()]
+    prompts = [p for p in prompts if p]
+    return {
+        "requests": s["requests"]["total"], "failed": s["requests"]["failed"],
+        "ttft_p50_ms": 1000 * m["ttft_seconds"]["all"]["p50"], "ttft_p95_ms": 1000 * m["ttft_seconds"]["all"]["p95"],
+        "decode_tps_p10": m["decode_tokens_per_second"]["all"]["p10"],
+        "decode_tps_p50": m["decode_tokens_per_second"]["all"]["p50"],
+        "prompt_tokens_mean": sum(prompts) / len(prompts) if prompts else None,
+        "output_tokens_per_s_level": s["levels"][0]["output_tokens_per_s"] if s["levels"] else None,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    url = f"http://127.0.0.1:{args.port}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    serve_cmd = [sys.executable, "-m", "llmslo.cli", "serve", "--config", str(write_config(args)),
+                 "--host", "127.0.0.1", "--port", str(args.port), "--metrics-port", str(args.metrics_port),
+                 "--metrics-interval-ms", "2000"]
+    log = (args.out / "serve.log").open("w")
+    server = subprocess.Popen(serve_cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        print(f"server ready after {wait_ready(url, server, args.ready_timeout):.0f} s", flush=True)
+        report = args.out / "serve"
+        cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
+               "-u", str(args.users), "-r", str(args.users), "-t", args.run_time, "--only-summary",
+               "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0", "--short-share", "0",
+               "--input-tokens", str(args.input_words), "--output-tokens", "256",
+               "--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
+        print(" ".join(cmd), flush=True)
+        done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=900)
+        label = args.platform_label or f"{args.gpus}×GPU transformers (synthetic weights)"
+        (report / "platform.json").write_text(json.dumps({"platform": label, "gpus": label}))
+        print(f"load test exit code {done.returncode} (0 pass, 1 an SLO failed, 3 run invalid)", flush=True)
+        print(json.dumps(headline(report / "summary.json")), flush=True)
+        return 0
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
