@@ -37,7 +37,8 @@ def render(cfg: SLOConfig) -> dict[str, str]:
     """Relative path -> file content of everything the generator owns."""
     from llmslo.generate import alertmanager, dashboards, grafana, rules
 
-    files = {RULES: to_yaml(rules.rule_file(cfg)), "alerts/alertmanager.yml": to_yaml(alertmanager.config())}
+    files = {RULES: to_yaml(rules.rule_file(cfg)), "alerts/alertmanager.yml": to_yaml(alertmanager.config()),
+             "alerts/README.md": rules.catalogue(cfg)}
     for alert in rules.all_alerts(cfg):
         files[f"alerts/tests/{alert.name}.yml"] = to_yaml(rules.promtool_test(alert, f"../rules/{Path(RULES).name}"))
     files.update(dashboards.files(cfg))
