@@ -22,6 +22,8 @@ def add_arguments(parser) -> None:
     g = parser  # Locust's parser (not a group) understands include_in_web_ui
     g.add_argument("--slo-file", default=str(DEFAULT_PATH), help="slo.yaml with the KPI targets")
     g.add_argument("--model", default="", help="model id to request (default: service.model of slo.yaml)")
+    g.add_argument("--api-key", default="", is_secret=True, env_var="OPENAI_API_KEY",
+                   help="sent as 'Authorization: Bearer KEY' when set (env OPENAI_API_KEY)")
     g.add_argument("--mix", default="text=5,image=3,audio=2", help="traffic class weights CLASS=W,... (text, image, audio)")
     g.add_argument("--thinking-share", type=float, default=0.3, help="share of long requests sent with enable_thinking")
     g.add_argument("--short-share", type=float, default=0.25,

@@ -63,7 +63,11 @@ class TruthServer:
         if path != "/v1/chat/completions":
             await self._send(writer, 404, "application/json", _error("not found", "not_found"))
             return True
-        return await self._stream(writer, json.loads(body), headers.get("x-request-id", ""), recv)
+        rid = headers.get("x-request-id", "")
+        keep_open = await self._stream(writer, json.loads(body), rid, recv)
+        if rid in self.log:
+            self.log[rid]["authorization"] = headers.get("authorization", "")
+        return keep_open
 
     async def _send(self, writer, code: int, ctype: str, payload: bytes) -> None:
         writer.write(

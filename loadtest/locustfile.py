@@ -83,6 +83,8 @@ class ChatUser(FastHttpUser):
         opts = self.environment.parsed_options
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
                    "Accept-Encoding": "identity", "X-Request-Id": rec.id}
+        if opts.api_key:
+            headers["Authorization"] = f"Bearer {opts.api_key}"
         rec.start_wall = time.time()
         t0 = rec.start_mono = time.perf_counter()
         with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):

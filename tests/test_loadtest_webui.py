@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, require_binary
 from loadtest._headless import LOCUSTFILE_DIR
-from loadtest._truth_server import running
+from loadtest._truth_server import fetch_truth, running
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -71,3 +71,30 @@ def test_slo_tab_shows_live_kpis_and_stop_writes_the_report(tmp_path):
             locust.terminate()
             output, _ = locust.communicate(timeout=30)
     assert "SLO verdict:" in output
+
+
+def test_headless_run_serves_client_metrics_on_its_port(tmp_path):
+    metrics_port = free_port()
+    with running(free_port(), "--ttft", "0.02", "--itl", "0.005") as url:
+        locust = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--headless", "-u", "2", "-r", "2",
+             "-t", "6s", "--host", url, "--mix", "text=1", "--input-tokens", "10", "--output-tokens", "8",
+             "--report-dir", str(tmp_path), "--client-metrics-port", str(metrics_port), "--api-key", "sk-test"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_http(f"http://127.0.0.1:{metrics_port}/metrics")
+            finished = 0.0
+            deadline = time.monotonic() + 30
+            while finished == 0 and time.monotonic() < deadline:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+                finished = sum(s.value for f in text_string_to_metric_families(text)
+                               if f.name == "llmslo_client_requests" for s in f.samples if s.name.endswith("_total"))
+                time.sleep(0.5)
+            assert finished > 0
+            assert locust.wait(timeout=60) in (0, 1, 3)
+            assert {t["authorization"] for t in fetch_truth(url).values()} == {"Bearer sk-test"}
+        finally:
+            if locust.poll() is None:
+                locust.kill()
+                locust.wait()
