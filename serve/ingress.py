@@ -94,6 +94,7 @@ class Ingress:
         self.settings = AppSettings.model_validate(settings)
         self.model_name = self.settings.served_model
         self.handle = model
+        self.stream_handle = model.options(stream=True)
         self.metrics = ServerMetrics(self.model_name)
         self.faults = FaultState()
         self.dead_replicas: set[str] = set()
@@ -135,7 +136,7 @@ class Ingress:
         for kind, count in (("image", prepared.images), ("audio", prepared.audios)):
             if count:
                 self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})
-        stream = self.handle.options(stream=True).generate.remote(prepared.generation, self.faults.next_directive())
+        stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive())
         items = self._items(stream, rec)
         try:
             first = await self._next(items)
@@ -219,6 +220,11 @@ class Ingress:
         except (RayActorError, ActorUnavailableError):
             self._count_crash(rec.replica)
             raise server_error("the model replica serving this request died", "replica_died", 503) from None
+        except APIError:
+            raise
+        except Exception as exc:  # a Ray/Serve failure on the way: answer it, never hang the stream
+            log.exception("stream_failed", request_id=rec.request_id, error=type(exc).__name__)
+            raise server_error("internal error while streaming from the model", "internal_error") from None
 
     @staticmethod
     async def _next(items: AsyncIterator[Delta | Finish]) -> Delta | Finish:

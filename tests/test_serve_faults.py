@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from serve import metrics as M
-from test_serve_metrics import scrape, total, wait_for
+from test_serve_metrics import quiet_scrape, scrape, total, wait_for
 
 
 def _chat(serve_app, **extra) -> httpx.Response:
@@ -34,7 +34,7 @@ def test_admin_rejects_bad_fault_specs(serve_faults):
 @pytest.mark.parametrize("stream", [False, True])
 def test_injected_oom_is_an_error_and_the_replica_keeps_serving(serve_faults, stream):
     app = serve_faults
-    before = total(scrape(app), M.OOM_EVENTS, source="simulated")
+    before = total(quiet_scrape(app, (M.OOM_EVENTS,)), M.OOM_EVENTS, source="simulated")
     state = app.admin("POST", {"oom": 1}).json()
     assert state["oom_pending"] == 1
     resp = _chat(app, stream=stream)
@@ -72,7 +72,7 @@ def test_mid_stream_failure_is_an_sse_error_then_done(serve_faults):
 def test_disconnect_cancels_generation_and_frees_the_slot(serve_faults):
     app = serve_faults
     app.admin("POST", {"slowdown": 50})  # 2000 tokens would take ~3 minutes now
-    cancelled_before = total(scrape(app), M.REQUESTS, status="cancelled")
+    cancelled_before = total(quiet_scrape(app, (M.REQUESTS,)), M.REQUESTS, status="cancelled")
     body = {"model": app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
             "ignore_eos": True, "stream": True}
     clients = [httpx.Client(timeout=60) for _ in range(2)]
@@ -96,7 +96,7 @@ def test_disconnect_cancels_generation_and_frees_the_slot(serve_faults):
 
 def test_kill_drill_counts_a_crash_and_serve_recovers(serve_faults):
     app = serve_faults
-    crashes_before = total(scrape(app), M.REPLICA_CRASHES)
+    crashes_before = total(quiet_scrape(app, (M.REPLICA_CRASHES,)), M.REPLICA_CRASHES)
     answer = app.admin("POST", {"kill": True}).json()
     killed = answer["killed_replica"]
     assert answer["kills"] >= 1 and killed

@@ -196,3 +196,43 @@ def test_cli_flags_override_the_config_file():
     assert args["engine_options"] == {"time_scale": 0.2, "seed": 5}
     assert args["num_replicas"] == 2 and args["admin_token"] == "t"
     AppSettings.model_validate(args)
+
+
+def test_remote_image_urls_are_fetched_only_when_allowed():
+    import http.server
+    import threading
+
+    from serve.errors import APIError
+    from serve.media import image_from_url
+    from serve.settings import MediaLimits
+    from test_serve_api import png_data_url
+
+    png = base64.b64decode(png_data_url(60, 40).split(",", 1)[1])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - stdlib name
+            found = self.path == "/cat.png"
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            if found:
+                self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        allowed = MediaLimits(allow_remote_urls=True)
+        image = asyncio.run(image_from_url(f"{base}/cat.png", allowed, "p"))
+        assert (image.width, image.height, image.format) == (60, 40, "png")
+        with pytest.raises(APIError) as err:
+            asyncio.run(image_from_url(f"{base}/missing.png", allowed, "p"))
+        assert err.value.code == "image_fetch_failed"
+        with pytest.raises(APIError) as err:
+            asyncio.run(image_from_url(f"{base}/cat.png", MediaLimits(), "p"))
+        assert err.value.code == "remote_url_not_allowed" and err.value.status == 400
+    finally:
+        server.shutdown()
+        server.server_close()
