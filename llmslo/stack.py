@@ -199,12 +199,12 @@ class Stack:
                 pass
             left = [p for p in service.family.values() if _alive(p)]
             for p in left:
-                _signal(p.pid, signal.SIGTERM)
+                _quietly(p.terminate)  # psutil checks the pid was not reused
             _, stragglers = psutil.wait_procs(left, timeout=5)
             for p in stragglers:
-                _signal(p.pid, signal.SIGKILL)
+                _quietly(p.kill)
             psutil.wait_procs(stragglers, timeout=5)
-            _signal_group(service.proc.pid, signal.SIGKILL)
+            _signal_group(service.proc.pid, signal.SIGKILL)  # the unreaped leader keeps its pgid ours
             service.proc.wait()
             service.proc = None
 
@@ -220,6 +220,13 @@ def _signal(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
+        pass
+
+
+def _quietly(action: Any) -> None:
+    try:
+        action()
+    except psutil.NoSuchProcess:
         pass
 
 
