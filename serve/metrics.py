@@ -19,14 +19,17 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
 - ``ray_llmslo_queue_wait_seconds{model}``: time a request waited for an engine
   slot (the engine's own queue; Ray Serve's router queue is
   ``ray_serve_request_router_fulfillment_time_ms``).
-- ``ray_llmslo_ttft_seconds{model,modality}``: ingress receiving the request ->
-  first generated token (reasoning or content) leaving the ingress;
-  modality is text | image | audio | image_audio.
+- ``ray_llmslo_ttft_seconds{model,modality}``: the ingress handler starting on
+  the request -> the first generated token (reasoning or content) arriving at
+  the ingress from the model replica (it is written to the client right away);
+  modality is text | image | audio | image_audio. Only requests that produced a
+  token are observed (also for ITL, TPOT and e2e).
 - ``ray_llmslo_itl_seconds{model}``: gap between consecutive token arrivals at
   the ingress, divided by the tokens the later arrival carries.
 - ``ray_llmslo_tpot_seconds{model}``: per request, (e2e - ttft) / (completion
   tokens - 1); requests with one token are not observed.
-- ``ray_llmslo_e2e_seconds{model}``: request received -> last token / error.
+- ``ray_llmslo_e2e_seconds{model}``: the same start -> the last token's arrival
+  (or the failure / disconnect that ended the stream).
 - ``ray_llmslo_prompt_tokens_total``, ``ray_llmslo_completion_tokens_total``
   (reasoning included, as OpenAI counts), ``ray_llmslo_reasoning_tokens_total``
   ``{model}``.
