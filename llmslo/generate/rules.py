@@ -502,7 +502,7 @@ def health_alerts(cfg: SLOConfig) -> list[Alert]:
         Alert(
             name="NVMLUnavailable",
             expr=(f"min by (model) ({n.NVML_AVAILABLE}) == 0"
-                  f' unless on (model) {n.BUILD_INFO}{{weights="simulated"}}'),
+                  f' unless on (model) {n.BUILD_INFO}{{weights!="real"}}'),
             for_=TICKET_FOR, severity="ticket",
             summary="A GPU replica of {{ $labels.model }} cannot read NVML",
             description=("A replica serving real weights reports llmslo_nvml_available 0: no driver or no "
@@ -511,7 +511,8 @@ def health_alerts(cfg: SLOConfig) -> list[Alert]:
             scenarios=(
                 Scenario("real weights without NVML fires", {nvml: "0x30", build: "1x30"}, 15, True,
                          {"model": model}),
-                Scenario("simulated engine without NVML is silent", {nvml: "0x30", sim_build: "1x30"}, 15, False),
+                Scenario("simulated or synthetic weights without NVML is silent", {nvml: "0x30", sim_build: "1x30"},
+                         15, False),
                 Scenario("NVML available is silent", {nvml: "1x30", build: "1x30"}, 15, False),
             ),
         ),
