@@ -71,13 +71,13 @@ def build_tokenizer(config: Glm4Config) -> PreTrainedTokenizerFast:
 def layer_device_map(num_layers: int, devices: list[torch.device]) -> dict[str, torch.device]:
     """Split the decoder layers evenly over ``devices`` (pipeline placement, one replica).
 
-    Embeddings and rotary tables sit with the first layers; final norm and LM head with the last.
+    Embeddings, rotary tables, final norm and LM head stay on the first GPU: the batching code
+    indexes and samples the last hidden states with tensors it keeps on ``model.device``, so the
+    activations come back there after the last layer (one small copy per step).
     """
+    first = devices[0]
     placement: dict[str, torch.device] = {
-        "model.embed_tokens": devices[0],
-        "model.rotary_emb": devices[0],
-        "model.norm": devices[-1],
-        "lm_head": devices[-1],
+        "model.embed_tokens": first, "model.rotary_emb": first, "model.norm": first, "lm_head": first,
     }
     per_device = -(-num_layers // len(devices))
     for layer in range(num_layers):
@@ -133,4 +133,5 @@ def _dispatch(model: torch.nn.Module, placement: dict[str, torch.device]) -> Non
     """Hooks that move activations between GPUs at layer boundaries (accelerate's pipeline placement)."""
     from accelerate import dispatch_model  # only needed for multi-GPU replicas
 
-    dispatch_model(model, device_map={k: v.index if v.type == "cuda" else str(v) for k, v in placement.items()})
+    device_map = {k: v.index if v.type == "cuda" else str(v) for k, v in placement.items()}
+    dispatch_model(model, device_map=device_map, main_device=device_map["model.embed_tokens"])
