@@ -31,7 +31,7 @@ MODES = ("ok", "http500", "http400", "midstream", "malformed", "stall", "nodone"
 
 
 class TruthServer:
-    """The asyncio protocol logic; ``log`` maps request id -> {recv, emits, tokens}."""
+    """The asyncio protocol logic; ``log`` maps request id -> {recv, emits, tokens, end, authorization}."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -63,11 +63,8 @@ class TruthServer:
         if path != "/v1/chat/completions":
             await self._send(writer, 404, "application/json", _error("not found", "not_found"))
             return True
-        rid = headers.get("x-request-id", "")
-        keep_open = await self._stream(writer, json.loads(body), rid, recv)
-        if rid in self.log:
-            self.log[rid]["authorization"] = headers.get("authorization", "")
-        return keep_open
+        entry = {"recv": recv, "emits": [], "authorization": headers.get("authorization", "")}
+        return await self._stream(writer, json.loads(body), entry, headers.get("x-request-id", ""))
 
     async def _send(self, writer, code: int, ctype: str, payload: bytes) -> None:
         writer.write(
@@ -75,7 +72,7 @@ class TruthServer:
         )
         await writer.drain()
 
-    async def _stream(self, writer, req: dict, rid: str, recv: float) -> bool:
+    async def _stream(self, writer, req: dict, entry: dict, rid: str) -> bool:
         a = self.args
         if a.mode == "http500":
             await self._send(writer, 500, "application/json", _error("engine exploded (truth server http500 mode)", "server_error"))
@@ -85,14 +82,15 @@ class TruthServer:
             return True
         self.active += 1
         try:
-            return await self._tokens(writer, req, rid, recv, a.ttft + a.ttft_per_stream * (self.active - 1))
+            return await self._tokens(writer, req, entry, rid, a.ttft + a.ttft_per_stream * (self.active - 1))
         finally:
             self.active -= 1
 
-    async def _tokens(self, writer, req: dict, rid: str, recv: float, ttft: float) -> bool:
+    async def _tokens(self, writer, req: dict, entry: dict, rid: str, ttft: float) -> bool:
         a = self.args
-        tokens = int(req.get("max_tokens") or a.tokens)
-        entry = self.log[rid] = {"recv": recv, "emits": [], "tokens": tokens}
+        tokens = entry["tokens"] = int(req.get("max_tokens") or a.tokens)
+        self.log[rid] = entry
+        recv = entry["recv"]
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = lambda obj: _chunked(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
         # role-only and empty chunks first: they must not count as the first token
