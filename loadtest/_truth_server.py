@@ -190,7 +190,7 @@ def running(port: int, *flags: str) -> Iterator[str]:
 
 
 def fetch_truth(url: str) -> dict[str, dict]:
-    """The server's emit log: request id -> {recv, emits, tokens, end}."""
+    """The server's emit log: request id -> {recv, emits, tokens, end, authorization}."""
     with urllib.request.urlopen(f"{url}/truth", timeout=10) as resp:
         return json.loads(resp.read())
 

@@ -92,11 +92,9 @@ class ChatUser(FastHttpUser):
                                   name=f"chat [{rec.cls}]") as resp:
                 try:
                     self._read(resp, rec, t0, opts.stall_timeout)
-                except RequestTimeout as exc:
-                    rec.error = str(exc)
                 except StreamError as exc:
                     rec.error = str(exc)
-                except OSError as exc:  # socket timeout = no byte within --stall-timeout, resets, ...
+                except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, parse error
                     rec.error = _describe_error(exc, opts.stall_timeout)
                 resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
                 resp.request_meta["response_length"] = rec.response_bytes
