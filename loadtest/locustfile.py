@@ -49,10 +49,17 @@ class ChatUser(FastHttpUser):
         opts = self.environment.parsed_options
         self.rng = random.Random(f"{opts.seed}-{RUN.worker_id}-{next(_user_numbers)}")
         self.next_at: float | None = None
+        self.next_plan: gevent.Greenlet | None = None
+
+    def _plan_ahead(self) -> gevent.Greenlet:
+        return gevent.spawn(plan_request, RUN.settings.mix, self.rng, gevent.get_hub().threadpool)
 
     @task
     def chat(self) -> None:
-        planned = plan_request(RUN.settings.mix, self.rng, gevent.get_hub().threadpool)
+        # the next body (images, audio) is built while this request streams, so a
+        # multimodal user is not idle between requests
+        planned = (self.next_plan or self._plan_ahead()).get()
+        self.next_plan = self._plan_ahead()
         rec = StreamRecord(
             id=uuid.uuid4().hex, cls=planned.cls, thinking=planned.thinking, short=planned.short,
             max_tokens=planned.max_tokens, worker=RUN.worker_id, request_bytes=len(planned.body),
