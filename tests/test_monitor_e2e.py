@@ -30,7 +30,7 @@ import yaml
 
 from llmslo.generate import alertmanager, dashboards, names, rules, to_yaml
 from llmslo.slo import load_slo
-from loadtest._headless import locust_command
+from loadtest import run_headless
 from tests.conftest import free_port, require_binary
 
 TEST_FOR = "10s"
@@ -168,10 +168,10 @@ def _panel_has_data(monitor: Monitor, expr: str) -> bool:
 
 def test_clean_load_fills_every_panel_and_raises_no_alert(monitor: Monitor, serve_faults, tmp_path: Path) -> None:
     app = serve_faults
-    cmd = locust_command(app.url, tmp_path / "load", 4, "45s", "--client-metrics-port",
-                         str(monitor.client_metrics_port), "--mix", "text=3,image=1", "--image-max-px", "256",
-                         "--input-tokens", "64", "--output-tokens", "24", "--thinking-share", "0")
-    load = _start(cmd, tmp_path / "locust.log")
+    load = ThreadPoolExecutor(1).submit(
+        run_headless, app.url, tmp_path / "load", 4, "45s", "--client-metrics-port", str(monitor.client_metrics_port),
+        "--mix", "text=3,image=1", "--image-max-px", "256", "--input-tokens", "64", "--output-tokens", "24",
+        "--thinking-share", "0", timeout=180)
     try:
         wait_for("client metrics", lambda: monitor.query(f"{names.CLIENT_REQUESTS} > 0"), 60)
         queries = dashboards.panel_queries(dashboards.build(load_slo()))
@@ -193,8 +193,9 @@ def test_clean_load_fills_every_panel_and_raises_no_alert(monitor: Monitor, serv
             assert missing == dashboards.NEEDS_GPU
         assert monitor.active_alerts() == set(), monitor.query("ALERTS")
     finally:
-        load.wait(timeout=120)
-    assert load.returncode in (0, 1), (tmp_path / "locust.log").read_text()[-3000:]
+        outcome = load.result(timeout=200)
+    assert outcome.summary is not None, outcome.output[-3000:]
+    assert outcome.summary["requests"]["failed"] == 0, outcome.summary["errors"]
     assert monitor.webhook.received == []
 
 

@@ -23,7 +23,6 @@ E2E = server.E2E
 PROMPT_TOKENS = server.PROMPT_TOKENS
 COMPLETION_TOKENS = server.COMPLETION_TOKENS
 OOM_EVENTS = server.OOM_EVENTS
-REPLICA_STARTS = server.REPLICA_STARTS
 REPLICA_CRASHES = server.REPLICA_CRASHES
 BUILD_INFO = server.BUILD_INFO
 KV_CACHE_USAGE = server.KV_CACHE_USAGE
@@ -48,11 +47,9 @@ SERVE_TARGET_REPLICAS = "ray_serve_autoscaling_target_replicas"
 SERVE_REPLICA_HEALTHY = "ray_serve_deployment_replica_healthy"
 SERVE_REPLICA_PROCESSING = "ray_serve_replica_processing_queries"
 SERVE_REPLICA_REQUESTS = "ray_serve_deployment_request_counter_total"
-SERVE_ROUTER_QUEUE = "ray_serve_request_router_queue_len"
 
 # Load generator (Locust master, prometheus-client).
 CLIENT_TTFT = "llmslo_client_ttft_seconds"
-CLIENT_TPOT = "llmslo_client_tpot_seconds"
 CLIENT_REQUESTS = "llmslo_client_requests_total"
 CLIENT_USERS = "llmslo_client_users"
 

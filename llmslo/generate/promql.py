@@ -31,11 +31,6 @@ def selector(metric: str, labels: dict[str, str] | None = None) -> str:
     return metric + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
 
 
-def counter_series(per_second: float, samples: int, interval_s: int, start: float = 0.0) -> str:
-    """promtool notation of a counter growing at ``per_second`` for ``samples`` intervals."""
-    return f"{num(start)}+{num(per_second * interval_s)}x{samples}"
-
-
 def piecewise(segments: list[tuple[float, int]], interval_s: int) -> str:
     """A counter whose rate changes: [(per_second, intervals), ...] joined in promtool notation."""
     parts, value = [], 0.0

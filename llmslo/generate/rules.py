@@ -25,8 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from llmslo.generate import names as n
-from llmslo.generate.promql import (BREACH, counter_series, histogram_series, num, piecewise, seconds,
-                                    selector)
+from llmslo.generate.promql import BREACH, histogram_series, num, piecewise, seconds, selector
 from llmslo.slo import KPI, SLOConfig
 
 RUNBOOK = "README.md#runbook-"
@@ -194,35 +193,6 @@ def _burn_alert(key: str, cfg: SLOConfig, severity: str) -> Alert:
         terms.append(f'(slo:sli_error:ratio_rate{w.long}{{slo="{key}"}} > {limit}'
                      f' and slo:sli_error:ratio_rate{w.short}{{slo="{key}"}} > {limit})')
     windows = ", ".join(f"{w.long}/{w.short} at {num(w.factor)}x" for w in pairs)
-    model = cfg.service.model
-    fired = {"model": model, "slo": key}
-    longest = max(seconds(w.long) for w in pairs)
-    interval = 60 if longest <= 6 * 3600 else 300
-    span = longest // interval + 2           # every window fully covered: rates stay exact
-    factors = sorted(w.factor for w in pairs)
-
-    def bad(factor: float) -> float:
-        return round(factor * budget * REQUESTS_PER_S)
-
-    above = factors[-1] * 1.25
-    if severity == "ticket":  # breaking for a ticket but below every page factor
-        pages = [w.factor for w in cfg.burn_rate_windows if w.severity == "page"]
-        above = (factors[-1] + min(pages)) / 2 if pages else factors[-1] * 1.25
-    cases = [
-        Scenario("burning above the fastest pair fires", _slo_traffic(key, cfg, model, [(min(bad(above), REQUESTS_PER_S), span)], interval),
-                 span * interval // 60, True, fired, interval),
-        Scenario("burning at half the budget is silent", _slo_traffic(key, cfg, model, [(bad(0.5), span)], interval),
-                 span * interval // 60, False, {}, interval),
-        Scenario(f"burning exactly at {num(factors[0])}x is silent",
-                 _slo_traffic(key, cfg, model, [(bad(factors[0]), span)], interval),
-                 span * interval // 60, False, {}, interval),
-    ]
-    if severity == "page":
-        shortest = min(seconds(w.short) for w in pairs) // interval
-        cases.append(Scenario(
-            "an outage only in the short window is silent",
-            _slo_traffic(key, cfg, model, [(0, span - shortest), (REQUESTS_PER_S, shortest)], interval),
-            span * interval // 60, False, {}, interval))
     return Alert(
         name=f"{_camel(key)}ErrorBudgetBurn{severity.capitalize()}",
         expr=" or ".join(terms),
@@ -232,8 +202,39 @@ def _burn_alert(key: str, cfg: SLOConfig, severity: str) -> Alert:
         description=(f"SLO {key} (objective {num(slo.objective)}) is spending its error budget faster than "
                      f"allowed over {windows} (burn = error ratio / {num(round(budget, 12))})."),
         runbook=f"{key.replace('_', '-')}-error-budget-burn",
-        scenarios=tuple(cases),
+        scenarios=_burn_scenarios(key, cfg, severity),
     )
+
+
+def _burn_scenarios(key: str, cfg: SLOConfig, severity: str) -> tuple[Scenario, ...]:
+    """Steady burns above, below and exactly at the slowest factor; for pages also a short-only outage."""
+    budget = cfg.slos[key].error_budget
+    pairs = [w for w in cfg.burn_rate_windows if w.severity == severity]
+    factors = sorted(w.factor for w in pairs)
+    pages = [w.factor for w in cfg.burn_rate_windows if w.severity == "page"]
+    # breaking: above the fastest pair; for a ticket, between its fastest factor and the slowest page
+    above = (factors[-1] + min(pages)) / 2 if severity == "ticket" and pages else factors[-1] * 1.25
+    model = cfg.service.model
+    interval = 60 if max(seconds(w.long) for w in pairs) <= 6 * 3600 else 300
+    span = max(seconds(w.long) for w in pairs) // interval + 2   # every window fully covered: rates stay exact
+
+    def case(name: str, bad_per_s: list[tuple[float, int]], fires: bool) -> Scenario:
+        return Scenario(name, _slo_traffic(key, cfg, model, bad_per_s, interval), span * interval // 60, fires,
+                        {"model": model, "slo": key} if fires else {}, interval)
+
+    def bad(factor: float) -> float:
+        return min(round(factor * budget * REQUESTS_PER_S), REQUESTS_PER_S)
+
+    cases = [
+        case(f"burning at {num(above)}x fires", [(bad(above), span)], True),
+        case("burning at half the budget is silent", [(bad(0.5), span)], False),
+        case(f"burning exactly at {num(factors[0])}x is silent", [(bad(factors[0]), span)], False),
+    ]
+    if severity == "page":
+        shortest = min(seconds(w.short) for w in pairs) // interval
+        cases.append(case("an outage only in the short window is silent",
+                          [(0, span - shortest), (REQUESTS_PER_S, shortest)], False))
+    return tuple(cases)
 
 
 # --- KPI threshold alerts --------------------------------------------------------------------
