@@ -40,10 +40,15 @@ def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict, float]]
 
 
 def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
-    """Role -> [(labels, value)] for every KPI-relevant sample of a Prometheus exposition."""
+    """Role -> [(labels, value)] for every KPI-relevant sample of a Prometheus exposition.
+
+    Only the few lines of interest are parsed: Ray's endpoint exports hundreds of
+    series, and parsing them all in the master would stall its event loop.
+    """
     roles = {name: role for role, name in exported_names().items()}
+    wanted = "\n".join(line for line in text.splitlines() if line.startswith(tuple(roles)))
     out: dict[str, list[tuple[dict, float]]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
             if sample.name in roles:
                 out.setdefault(roles[sample.name], []).append((sample.labels, sample.value))
