@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,8 +97,9 @@ class ModelServer:
         self._in_flight += 1
         self._publish_gauges()
         try:
-            async for item in self._guarded(request, directive):
-                yield item
+            async with aclosing(self._guarded(request, directive)) as items:
+                async for item in items:
+                    yield item
         finally:
             self._in_flight -= 1
             self._publish_gauges()
@@ -107,15 +109,17 @@ class ModelServer:
             if directive.oom:
                 raise EngineOOMError("injected out-of-memory (fault drill)", source="simulated")
             last = time.monotonic()
-            async for item in self.engine.generate(request):
-                if directive.slowdown > 1:
-                    await asyncio.sleep((directive.slowdown - 1) * (time.monotonic() - last))
-                last = time.monotonic()
-                if isinstance(item, Finish):
-                    self.metrics.queue_wait.observe(item.queue_wait_s, self.metrics.tags)
-                yield item
-                if directive.error and isinstance(item, Delta):
-                    raise EngineError("injected engine error (fault drill)")
+            # aclosing: a cancelled request closes the engine's generator now, which frees its slot
+            async with aclosing(self.engine.generate(request)) as stream:
+                async for item in stream:
+                    if directive.slowdown > 1:
+                        await asyncio.sleep((directive.slowdown - 1) * (time.monotonic() - last))
+                    last = time.monotonic()
+                    if isinstance(item, Finish):
+                        self.metrics.queue_wait.observe(item.queue_wait_s, self.metrics.tags)
+                    yield item
+                    if directive.error and isinstance(item, Delta):
+                        raise EngineError("injected engine error (fault drill)")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every engine failure becomes a StreamError, never a dead replica
