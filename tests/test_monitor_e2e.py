@@ -28,7 +28,7 @@ import openai
 import pytest
 import yaml
 
-from llmslo.generate import alertmanager, dashboards, names, rules, to_yaml
+from llmslo.generate import alertmanager, dashboards, grafana, names, rules, to_yaml
 from llmslo.slo import load_slo
 from loadtest import run_headless
 from tests.conftest import free_port, require_binary
@@ -186,8 +186,11 @@ def test_clean_load_fills_every_panel_and_raises_no_alert(monitor: Monitor, serv
             wait_for("every non-GPU panel to have data", all_panels, timeout=40, every=2)
         except AssertionError:
             pytest.fail(f"panels without data: {sorted(missing - dashboards.NEEDS_GPU)}")
+        for rule in grafana.grafana_rules(load_slo()):  # the Grafana-managed copies are valid PromQL here
+            monitor.query(rule["data"][0]["model"]["expr"])
         nvml = monitor.query(names.NVML_AVAILABLE)
-        assert nvml, "telemetry gauge missing"
+        replicas = {r["metric"]["replica"] for r in nvml if r["metric"]["component"] == names.MODEL_COMPONENT}
+        assert len(replicas) == app.replicas, nvml  # telemetry from every model replica reaches Prometheus
         if all(float(r["value"][1]) == 0 for r in nvml):  # no driver here: GPU series absent, not zero
             assert not monitor.query(f"{{__name__=~'{names.GPU_MEMORY_USED}|{names.GPU_UTILIZATION}'}}")
             assert missing == dashboards.NEEDS_GPU
@@ -257,3 +260,23 @@ def test_injected_slowness_trips_the_ttft_alert(monitor: Monitor, serve_faults) 
     _, path, alert = monitor.webhook.firing("TTFTP95High")[0]
     assert path == "/page" and alert["labels"]["model"] == app.model
     assert "TTFTP95High" in monitor.active_alerts()
+
+
+def test_alertmanager_inhibits_the_ticket_of_a_paging_slo(monitor: Monitor) -> None:
+    """Real Alertmanager, generated config: a page and a ticket of one SLO; the ticket is inhibited."""
+    labels = {"model": "inhibition-drill", "slo": "ttft"}
+    alerts = [{"labels": {**labels, "alertname": f"TtftErrorBudgetBurn{sev.capitalize()}", "severity": sev}}
+              for sev in ("page", "ticket")]
+    httpx.post(f"{monitor.alertmanager}/api/v2/alerts", json=alerts, timeout=10).raise_for_status()
+
+    def states() -> dict[str, dict] | None:
+        got = httpx.get(f"{monitor.alertmanager}/api/v2/alerts", params={"filter": 'model="inhibition-drill"'},
+                        timeout=10).json()
+        return {a["labels"]["severity"]: a for a in got} if len(got) == 2 else None
+
+    by_severity = wait_for("both drill alerts in Alertmanager", states, 30)
+    ticket = wait_for("the ticket to be inhibited",
+                      lambda: (s := states()) and s["ticket"]["status"]["inhibitedBy"] and s["ticket"], 30)
+    assert by_severity["page"]["status"]["inhibitedBy"] == []
+    assert [r["name"] for r in by_severity["page"]["receivers"]] == ["page"]
+    assert [r["name"] for r in ticket["receivers"]] == ["ticket"]
