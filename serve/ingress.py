@@ -136,7 +136,7 @@ class Ingress:
         for kind, count in (("image", prepared.images), ("audio", prepared.audios)):
             if count:
                 self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})
-        stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive())
+        stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive(), time.time())
         items = self._items(stream, rec)
         try:
             first = await self._next(items)

@@ -16,9 +16,11 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   client that disconnected). Recorded by the ingress.
 - ``ray_llmslo_requests_in_flight{model}``: requests inside a model replica
   (queued in the engine or generating). Recorded by each model replica.
-- ``ray_llmslo_queue_wait_seconds{model}``: time a request waited for an engine
-  slot (the engine's own queue; Ray Serve's router queue is
-  ``ray_serve_request_router_fulfillment_time_ms``).
+- ``ray_llmslo_queue_wait_seconds{model}``: time a request waited before its
+  generation started: in Ray Serve's router (ingress dispatch -> the model
+  replica picking it up, wall clocks of two processes, so cross-node clock skew
+  adds in) plus in the engine's own queue (``Finish.queue_wait_s``). Observed by
+  the model replica for requests that finish.
 - ``ray_llmslo_ttft_seconds{model,modality}``: the ingress handler starting on
   the request -> the first generated token (reasoning or content) arriving at
   the ingress from the model replica (it is written to the client right away);

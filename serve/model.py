@@ -90,21 +90,26 @@ class ModelServer:
         log.info("replica_started", replica=self.replica_id, model=self.model, engine=self.engine.name, pid=os.getpid())
 
     async def generate(
-        self, request: GenerationRequest, directive: Directive
+        self, request: GenerationRequest, directive: Directive, sent_at: float
     ) -> AsyncIterator[ReplicaHello | Delta | Finish | StreamError]:
-        """Stream one request: hello, deltas, then Finish or StreamError."""
+        """Stream one request: hello, deltas, then Finish or StreamError.
+
+        ``sent_at`` is the ingress's ``time.time()`` when it dispatched the request:
+        the wait in Ray Serve's router (all replicas at ``max_ongoing_requests``)
+        is part of the queue wait, which the engine's own queue wait completes."""
+        routed_wait = max(0.0, time.time() - sent_at)
         yield ReplicaHello(self.replica_id)
         self._in_flight += 1
         self._publish_gauges()
         try:
-            async with aclosing(self._guarded(request, directive)) as items:
+            async with aclosing(self._guarded(request, directive, routed_wait)) as items:
                 async for item in items:
                     yield item
         finally:
             self._in_flight -= 1
             self._publish_gauges()
 
-    async def _guarded(self, request: GenerationRequest, directive: Directive) -> AsyncIterator[Any]:
+    async def _guarded(self, request: GenerationRequest, directive: Directive, routed_wait: float) -> AsyncIterator[Any]:
         try:
             if directive.oom:
                 raise EngineOOMError("injected out-of-memory (fault drill)", source="simulated")
@@ -116,7 +121,7 @@ class ModelServer:
                         await asyncio.sleep((directive.slowdown - 1) * (time.monotonic() - last))
                     last = time.monotonic()
                     if isinstance(item, Finish):
-                        self.metrics.queue_wait.observe(item.queue_wait_s, self.metrics.tags)
+                        self.metrics.queue_wait.observe(routed_wait + item.queue_wait_s, self.metrics.tags)
                     yield item
                     if directive.error and isinstance(item, Delta):
                         raise EngineError("injected engine error (fault drill)")
