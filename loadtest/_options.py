@@ -43,6 +43,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--arrival", choices=["poisson", "constant"], default="poisson", help="open-loop inter-arrival law")
     g.add_argument("--step-users", default="", help="step ramp: comma list of user counts, e.g. 1,2,4,8,16 ('' : fixed -u)")
     g.add_argument("--step-duration", type=float, default=30.0, help="seconds per step of the ramp")
+    g.add_argument("--step-keep-going", action="store_true", default=False,
+                   help="hold every step even after one broke an SLO (default: stop at the first failing step)")
     g.add_argument("--report-dir", default="", help="report folder (default reports/<UTC time>)")
     g.add_argument("--server-metrics-url", default="", help="server's Prometheus endpoint for OOM/crash/GPU/CPU KPIs")
     g.add_argument("--client-metrics-port", type=int, default=0, include_in_web_ui=False,

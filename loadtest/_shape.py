@@ -2,8 +2,8 @@
 
 One LoadTestShape drives both, because Locust picks up any shape class in the
 locustfile. ``use_common_options`` keeps -u/-r/-t meaningful (and visible in
-the web UI). The ramp stops after the first step at which an SLO failed: the
-concurrency KPI is the highest step that passed.
+the web UI). The ramp stops after the first step at which an SLO failed (unless
+--step-keep-going): the concurrency KPI is the highest step that passed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class SLOShape(LoadTestShape):
         elapsed = self.get_run_time()
         if steps:
             index = int(elapsed // opts.step_duration)
-            if index >= len(steps) or (index > 0 and self._failed(steps[index - 1])):
+            stop_on_failure = not opts.step_keep_going
+            if index >= len(steps) or (index > 0 and stop_on_failure and self._failed(steps[index - 1])):
                 return None
             users, rate = steps[index], float(max(steps[index], opts.spawn_rate or 1))
         else:
