@@ -31,6 +31,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--metrics-interval-ms", type=int, help="how often Ray reports metrics (Ray default 10000)")
     p.add_argument("--engine", help="simulated | upstream | transformers")
     p.add_argument("--replicas", type=int, help="fixed number of model replicas (default: autoscaling)")
+    p.add_argument("--gpus-per-replica", type=int, help="GPUs reserved per model replica (one model copy)")
     p.add_argument("--time-scale", type=float, help="simulated engine: multiply every latency")
     p.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                    help="extra engine_options entry, value parsed as JSON (repeatable)")
@@ -65,6 +66,8 @@ def app_config(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
     args["engine_options"] = options
     if ns.replicas is not None:
         args["num_replicas"] = ns.replicas
+    if ns.gpus_per_replica is not None:
+        args["gpus_per_replica"] = ns.gpus_per_replica
     if ns.admin_token:
         args["admin_token"] = ns.admin_token
     if ns.model_id:

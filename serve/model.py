@@ -19,6 +19,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import ray
 import structlog
 from ray import serve
 
@@ -87,7 +88,8 @@ class ModelServer:
         self.metrics.replica_starts.inc(1, self.metrics.tags)
         start_telemetry(self.model, "replica")
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
-        log.info("replica_started", replica=self.replica_id, model=self.model, engine=self.engine.name, pid=os.getpid())
+        log.info("replica_started", replica=self.replica_id, model=self.model, engine=self.engine.name,
+                 pid=os.getpid(), gpus=[str(g) for g in ray.get_gpu_ids()])
 
     async def generate(
         self, request: GenerationRequest, directive: Directive, sent_at: float
