@@ -7,8 +7,6 @@ import asyncio
 import base64
 import math
 import time
-from argparse import Namespace
-from pathlib import Path
 
 import pytest
 
