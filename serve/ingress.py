@@ -18,7 +18,7 @@ import asyncio
 import hmac
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
@@ -58,6 +58,28 @@ _STREAM_ERRORS = {
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
+
+
+def _abandon(stream: DeploymentResponseGenerator, rec: RequestRecord) -> None:
+    """The client left before the answer ended: cancel generation (frees the engine slot)."""
+    if not rec.closed:
+        stream.cancel()
+        rec.close(499)
+
+
+class _CleanupStreamingResponse(StreamingResponse):
+    """Runs ``on_close`` however the response ends, even if the body was never started
+    (a client gone before the first byte would otherwise leave the generation running)."""
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 @app.exception_handler(APIError)
@@ -144,13 +166,13 @@ class Ingress:
             rec.close(err.status, err.code)
             return error_response(err)
         except asyncio.CancelledError:
-            stream.cancel()
-            rec.close(499)
+            _abandon(stream, rec)
             raise
         headers = {"x-llmslo-replica": rec.replica or ""}
         if prepared.stream:
-            return StreamingResponse(
-                self._sse(prepared, rec, first, items, stream),
+            return _CleanupStreamingResponse(
+                self._sse(prepared, rec, first, items),
+                on_close=lambda: _abandon(stream, rec),
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
             )
@@ -234,36 +256,24 @@ class Ingress:
             raise server_error("the engine stream ended without a finish", "engine_error") from None
 
     async def _sse(
-        self,
-        prepared: Prepared,
-        rec: RequestRecord,
-        item: Delta | Finish,
-        items: AsyncIterator[Delta | Finish],
-        stream: DeploymentResponseGenerator,
+        self, prepared: Prepared, rec: RequestRecord, item: Delta | Finish, items: AsyncIterator[Delta | Finish]
     ) -> AsyncIterator[bytes]:
         writer = ChunkWriter(rec.request_id, self.model_name, prepared.include_usage)
-        finished = False
+        yield writer.role()
         try:
-            yield writer.role()
-            try:
-                while not isinstance(item, Finish):
-                    delta = delta_fields(item, prepared.return_reasoning)
-                    if delta:
-                        yield writer.chunk(delta)
-                    item = await self._next(items)
-                yield writer.chunk({}, item.reason)
-                if prepared.include_usage:
-                    yield writer.usage_chunk(item)
-                rec.close(200)
-            except APIError as err:
-                rec.close(err.status, err.code)
-                yield writer.error(err)
-            finished = True
-            yield DONE
-        finally:
-            if not finished:  # client went away: cancel generation so the engine frees the slot
-                stream.cancel()
-                rec.close(499)
+            while not isinstance(item, Finish):
+                delta = delta_fields(item, prepared.return_reasoning)
+                if delta:
+                    yield writer.chunk(delta)
+                item = await self._next(items)
+            yield writer.chunk({}, item.reason)
+            if prepared.include_usage:
+                yield writer.usage_chunk(item)
+            rec.close(200)
+        except APIError as err:
+            rec.close(err.status, err.code)
+            yield writer.error(err)
+        yield DONE
 
     async def _complete(
         self,
@@ -285,8 +295,7 @@ class Ingress:
             rec.close(err.status, err.code)
             return error_response(err)
         except asyncio.CancelledError:
-            stream.cancel()
-            rec.close(499)
+            _abandon(stream, rec)
             raise
         rec.close(200)
         shown = "".join(reasoning) if prepared.generation.thinking and prepared.return_reasoning else None

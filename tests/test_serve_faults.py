@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -116,3 +117,29 @@ def test_kill_drill_counts_a_crash_and_serve_recovers(serve_faults):
         return len(seen - {killed, None}) == 2
 
     assert wait_for(two_live_replicas, timeout=120, interval=1), "Serve did not restart the killed replica"
+
+
+def test_disconnect_before_the_first_token_also_frees_the_slot(serve_faults):
+    import threading
+
+    app = serve_faults
+    app.admin("POST", {"slowdown": 200})  # first token after ~6 s, the whole answer after minutes
+    body = {"model": app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    outcome = []
+
+    def client():
+        try:
+            httpx.post(f"{app.api_base}/chat/completions", json=body, timeout=httpx.Timeout(10, read=3))
+            outcome.append("answered")
+        except httpx.ReadTimeout:
+            outcome.append("gave up")  # the connection is closed here, before any byte arrived
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert wait_for(lambda: total(scrape(app), M.IN_FLIGHT) == 1, timeout=3), "request should be in flight"
+    thread.join()
+    assert outcome == ["gave up"]
+    gave_up = time.monotonic()
+    assert wait_for(lambda: total(scrape(app), M.IN_FLIGHT) == 0, timeout=10), "slot not freed"
+    assert time.monotonic() - gave_up < 10
