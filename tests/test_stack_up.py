@@ -68,9 +68,9 @@ def test_up_serves_every_url_and_stops_cleanly(tmp_path: Path) -> None:
             match = re.match(r"\s+(\S+)\s+(http://127\.0\.0\.1:\d+\S*)", line)
             if match:
                 urls[match.group(1)] = match.group(2)
-            if len(urls) == 4:
+            if "locust" in urls:  # printed last (grafana, when installed, comes before it)
                 break
-        assert set(urls) == {"serve", "alertmanager", "prometheus", "locust"}, "\n".join(lines)
+        assert {"serve", "alertmanager", "prometheus", "locust"} <= set(urls), "\n".join(lines)
         seen |= _descendants(proc.pid)
 
         assert httpx.get(urls["serve"].removesuffix("/v1") + "/healthz", timeout=5).status_code == 200
