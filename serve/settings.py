@@ -58,6 +58,9 @@ class AppSettings(_Strict):
         0.75, gt=0, le=1, description="target_ongoing_requests = slo concurrency target x this"
     )
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 x slo concurrency target")
+    autoscaling_options: dict[str, Any] = Field(
+        default_factory=dict, description="more Serve autoscaling_config keys, e.g. upscale_delay_s"
+    )
     ingress_max_ongoing_requests: int = Field(1000, ge=1)
     ingress_cpus: float = Field(0.5, ge=0)
     admin_token: str | None = Field(None, description=f"enables /admin; or set ${ADMIN_TOKEN_ENV}")
@@ -99,6 +102,7 @@ class AppSettings(_Strict):
                 "initial_replicas": max(1, self.min_replicas),
                 "max_replicas": max(self.max_replicas, self.min_replicas, 1),
                 "target_ongoing_requests": self.target_ongoing_requests(),
+                **self.autoscaling_options,
             }
         actor: dict[str, Any] = {"num_cpus": self.cpus_per_replica}
         if self.gpus > 0:
