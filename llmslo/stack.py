@@ -375,7 +375,8 @@ def _locust_master(ports: Ports) -> Service:
 
 
 def default_run_dir(kind: str) -> Path:
-    return ROOT / "reports" / f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    """reports/<kind>-<UTC time> under the current folder, like the load test's own default."""
+    return (Path("reports") / f"{kind}-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}").resolve()
 
 
 def _parser() -> argparse.ArgumentParser:
