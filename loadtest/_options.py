@@ -31,9 +31,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--input-tokens", type=int, default=0, help="prompt length in tokens (0: benchmark.input_tokens)")
     g.add_argument("--output-tokens", type=int, default=0, help="reply length in tokens (0: benchmark.output_tokens)")
     g.add_argument("--length-spread", type=float, default=0.0, help="lengths drawn uniformly within ±this fraction")
-    g.add_argument("--images-max", type=int, default=2, help="images per image request: 1..N")
+    # one image of <= 896 px (<= 1026 prompt tokens) keeps the seed's 512-token prompt and
+    # 256-token reply within its 2048-token context (vLLM --max-model-len 2048, seed 001)
+    g.add_argument("--images-max", type=int, default=1, help="images per image request: 1..N")
     g.add_argument("--image-min-px", type=int, default=224, help="smallest image side in pixels")
-    g.add_argument("--image-max-px", type=int, default=1344, help="largest image side in pixels")
+    g.add_argument("--image-max-px", type=int, default=896, help="largest image side in pixels (up to 1344 and more)")
     g.add_argument("--audio-min-s", type=float, default=1.0, help="shortest audio clip in seconds")
     g.add_argument("--audio-max-s", type=float, default=10.0, help="longest audio clip in seconds")
     g.add_argument("--prompts-file", default="", help="JSONL of real prompts ({'prompt'|'messages', 'max_tokens'?})")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("text", "image", "audio")
+CHARS_PER_TOKEN = 4
 _WORDS = (
     "the phone screen shows a settings page with a list of options and a search bar at the top "
     "open the app tap the button scroll down until you find the item then confirm the dialog "
@@ -140,8 +141,7 @@ def plan_request(mix: Mix, rng: random.Random, media_pool) -> Planned:
     short = rng.random() < mix.short_share
     thinking = not short and rng.random() < mix.thinking_share
     max_tokens = mix.short_tokens if short else _spread(mix.output_tokens, mix.length_spread, rng)
-    words = _spread(mix.input_tokens, mix.length_spread, rng)
-    content: list[dict] = [{"type": "text", "text": prompt_text(words, rng)}]
+    content: list[dict] = [{"type": "text", "text": prompt_text(_spread(mix.input_tokens, mix.length_spread, rng), rng)}]
     if cls == "image":
         for _ in range(rng.randint(1, mix.images_max)):
             size = (rng.randint(*mix.image_px), rng.randint(*mix.image_px))
@@ -190,10 +190,13 @@ def _spread(mean: int, spread: float, rng: random.Random) -> int:
     return max(1, round(rng.uniform(mean * (1 - spread), mean * (1 + spread))))
 
 
-def prompt_text(words: int, rng: random.Random) -> str:
-    """About ``words`` tokens of text; a unique nonce first so no prefix cache can hit."""
-    body = " ".join(rng.choice(_WORDS) for _ in range(max(0, words - 4)))
-    return f"[{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}] {body}"
+def prompt_text(tokens: int, rng: random.Random) -> str:
+    """About ``tokens`` tokens of English text (4 characters per token, OpenAI's rule of thumb and
+    serve/tokens.py's count); a unique nonce first so no prefix cache can hit."""
+    text = f"[{uuid.UUID(int=rng.getrandbits(128)).hex[:12]}]"
+    while len(text) < CHARS_PER_TOKEN * tokens - 1:
+        text += " " + rng.choice(_WORDS)
+    return text
 
 
 def synth_image(size: tuple[int, int], fmt: str, seed: int) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from loadtest import run_headless
 
 MIX = ("--mix", "text=2,image=1,audio=1", "--image-max-px", "448", "--audio-max-s", "2",
@@ -20,6 +22,9 @@ def test_multimodal_run_against_serve_reads_server_kpis(serve_faults, tmp_path):
     assert s["kpis"]["oom_per_hour"]["value"] == 0 and s["kpis"]["oom_per_hour"]["pass"] is True
     assert s["kpis"]["crashes_per_day"]["pass"] is True
     assert s["server_metrics"]["scrapes"] >= 2
+    text = [json.loads(line) for line in (tmp_path / "ok" / "requests.jsonl").read_text().splitlines()]
+    prompt = {r["prompt_tokens"] for r in text if r["ok"] and r["cls"] == "text"}
+    assert prompt and all(64 <= p <= 64 + 10 for p in prompt), prompt  # --input-tokens as the server counts
 
     app.admin("POST", {"oom": 2})
     failed = run_headless(app.url, tmp_path / "oom", 2, "5s", *MIX, "--server-metrics-url", app.metrics_url, timeout=180)
