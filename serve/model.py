@@ -32,8 +32,9 @@ from serve.settings import AppSettings
 from serve.telemetry import start_telemetry
 
 log = structlog.get_logger("llmslo.model")
-# Ray's agent drops a gauge series not re-reported within 2 report intervals, so
-# every gauge is re-set at least this often (well under 2 s, Ray's smallest TTL).
+# Ray's agent evicts a gauge series not re-reported within 2 report intervals (>= 2 s),
+# and gauges set only in the constructor went missing here, so every gauge is re-set
+# this often.
 GAUGE_REFRESH_S = 0.5
 
 
