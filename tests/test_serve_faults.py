@@ -106,7 +106,8 @@ def test_kill_drill_counts_a_crash_and_serve_recovers(serve_faults):
     for _ in range(60):
         resp = _chat(app)
         ok = ok + 1 if resp.status_code == 200 else 0
-        assert resp.status_code in (200, 503), resp.text
+        # a request that was on the dying replica fails cleanly (OpenAI-shaped 5xx), never hangs
+        assert resp.status_code == 200 or resp.json()["error"]["type"] == "server_error", resp.text
         if ok >= 5:
             break
     assert ok >= 5
