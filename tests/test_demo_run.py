@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -76,7 +77,12 @@ def test_without_prometheus_the_snapshot_is_a_final_scrape(serve_app) -> None:
     """The fallback snapshot reads the real server's exported llmslo series."""
     from llmslo.demo import final_scrape
 
-    snapshot = final_scrape(serve_app.metrics_url)
-    names = {s["name"] for s in snapshot["samples"]}
+    deadline = time.monotonic() + 60  # Ray exports each replica's series on its report interval
+    while True:
+        snapshot = final_scrape(serve_app.metrics_url)
+        names = {s["name"] for s in snapshot["samples"]}
+        if "ray_llmslo_nvml_available" in names or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert "ray_llmslo_nvml_available" in names, sorted(names)
     assert all(n.startswith("ray_llmslo_") for n in names)
