@@ -15,6 +15,7 @@ from pathlib import Path
 
 from grafana_client import GrafanaApi
 from grafana_client.client import GrafanaClientError, GrafanaException
+from niquests.exceptions import RequestException
 
 from llmslo.generate import dashboards, grafana
 from llmslo.slo import DEFAULT_PATH, SLOFileError, load_slo
@@ -82,5 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except GrafanaException as exc:
         print(f"llmslo grafana push: Grafana refused: {exc}", file=sys.stderr)
+        return 1
+    except RequestException as exc:
+        print(f"llmslo grafana push: cannot reach Grafana at {args.url}: {type(exc).__name__}", file=sys.stderr)
         return 1
     return 0

@@ -37,3 +37,11 @@ def test_a_file_no_longer_generated_is_stale(tmp_path: Path) -> None:
     (tmp_path / "alerts" / "tests").mkdir(parents=True)
     (tmp_path / "alerts" / "tests" / "Removed.yml").write_text("tests: []\n")
     assert "alerts/tests/Removed.yml" in stale(render(load_slo()), tmp_path)
+
+
+def test_a_broken_slo_yaml_is_one_clear_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "slo.yaml"
+    bad.write_text((ROOT / "slo.yaml").read_text().replace("objective: 0.99", "objective: 1.5"))
+    assert main(["--check", "--slo", str(bad), "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("llmslo generate: ") and "objective" in err and "\n" not in err

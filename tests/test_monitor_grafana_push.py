@@ -133,3 +133,9 @@ def test_push_reports_a_grafana_refusal(fake_grafana, capsys) -> None:
     state.handle = lambda method, path, body: (403, {"message": "permissions"})  # type: ignore[method-assign]
     assert grafana_push.main(["push", "--url", url, "--token", TOKEN]) == 1
     assert "Grafana refused" in capsys.readouterr().err
+
+
+def test_push_to_an_unreachable_grafana_says_so(capsys) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert grafana_push.main(["push", "--url", url, "--token", TOKEN]) == 1
+    assert f"cannot reach Grafana at {url}" in capsys.readouterr().err
