@@ -182,29 +182,29 @@ def final_scrape(metrics_url: str) -> dict[str, Any]:
             "samples": samples}
 
 
-def platform(prometheus_url: str | None, ray_metrics_url: str, engine: str) -> dict[str, str]:
+def server_labels(prometheus_url: str | None, scrape: dict[str, Any] | None, name: str) -> list[dict]:
+    """Label sets of one exported series: from Prometheus now, or from the final scrape."""
+    if prometheus_url:
+        data = _get_json(f"{prometheus_url}/api/v1/query", query=name) or {}
+        return [r["metric"] for r in data.get("data", {}).get("result", [])]
+    return [s["labels"] for s in (scrape or {}).get("samples", []) if s["name"] == name]
+
+
+def platform(build: list[dict], gpus: list[dict], engine: str) -> dict[str, str]:
     """Engine, weights and GPUs of the server, for ``llmslo compare``'s platform column.
 
-    The server's own ``build_info`` wins; ``engine`` (what it was configured
-    with) stands in when the server has not exported it.
+    The server's own ``build_info`` labels win; ``engine`` (what it was
+    configured with) stands in when the server has not exported them.
     """
-    from llmslo.generate import names as n
-
-    if prometheus_url:
-        query = f"{prometheus_url}/api/v1/query"
-        build = (_get_json(query, query=n.BUILD_INFO) or {}).get("data", {}).get("result", [])
-        gpus = (_get_json(query, query=n.GPU_MEMORY_TOTAL) or {}).get("data", {}).get("result", [])
-        labels = build[0]["metric"] if build else {}
-        gpu_names = sorted({g["metric"].get("gpu", "") for g in gpus})
-    else:
-        labels, gpu_names = {}, []
+    labels = build[0] if build else {}
     engine = labels.get("engine", engine)
+    weights = labels.get("weights", "unknown")
+    gpu_names = sorted({g.get("gpu", "") for g in gpus})
     return {
-        "platform": f"this machine ({engine}{', ' + labels['weights'] + ' weights' if 'weights' in labels else ''})",
+        "platform": f"this machine ({engine} engine, {weights} weights)",
         "engine": engine,
-        "weights": labels.get("weights", "unknown"),
-        "gpus": ", ".join(gpu_names) if gpu_names else "none (CPU)",
-        "metrics_url": ray_metrics_url,
+        "weights": weights,
+        "gpus": ", ".join(gpu_names) if gpu_names else "none seen (no NVML)",
     }
 
 
@@ -245,17 +245,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
         start = time.time()
         code = watch(locust, the_stack, steps, args.step_duration, console)
         end = time.time()
-        metrics_url = f"http://127.0.0.1:{ports.ray_metrics}/metrics"
         with console.status("saving the server and GPU metrics of the run…"):
             time.sleep(6.0)  # one more Ray export (and Prometheus scrape) covers the last seconds
-            server = snapshot(prometheus, start, end) if prometheus else final_scrape(metrics_url)
-            (report_dir / "server_metrics.json").write_text(json.dumps(server, indent=1))
-            (report_dir / "platform.json").write_text(json.dumps(
-                platform(prometheus, metrics_url, configured_engine(args.serve_arg)), indent=1))
+            save_server_metrics(report_dir, prometheus, f"http://127.0.0.1:{ports.ray_metrics}/metrics",
+                                start, end, configured_engine(args.serve_arg))
     finally:
         with console.status("stopping the stack…"):
             the_stack.stop()
     return verdict(report_dir, code, console)
+
+
+def save_server_metrics(report_dir: Path, prometheus: str | None, metrics_url: str,
+                        start: float, end: float, engine: str) -> None:
+    """server_metrics.json (Prometheus range queries, else one final scrape) and platform.json."""
+    from llmslo.generate import names as n
+
+    scrape = None if prometheus else final_scrape(metrics_url)
+    server = snapshot(prometheus, start, end) if prometheus else scrape
+    (report_dir / "server_metrics.json").write_text(json.dumps(server, indent=1))
+    facts = platform(server_labels(prometheus, scrape, n.BUILD_INFO),
+                     server_labels(prometheus, scrape, n.GPU_MEMORY_TOTAL), engine)
+    (report_dir / "platform.json").write_text(json.dumps(facts, indent=1))
 
 
 def verdict(report_dir: Path, locust_code: int, console: Console) -> int:

@@ -73,16 +73,19 @@ def test_short_demo_leaves_a_complete_report(tmp_path: Path) -> None:
     assert proc.returncode == expected, (proc.returncode, summary["verdict"], output)
 
 
-def test_without_prometheus_the_snapshot_is_a_final_scrape(serve_app) -> None:
-    """The fallback snapshot reads the real server's exported llmslo series."""
-    from llmslo.demo import final_scrape
+def test_without_prometheus_the_snapshot_is_a_final_scrape(serve_app, tmp_path: Path) -> None:
+    """The fallback snapshot and platform.json read the real server's exported llmslo series."""
+    from llmslo.demo import final_scrape, save_server_metrics
 
     deadline = time.monotonic() + 60  # Ray exports each replica's series on its report interval
-    while True:
-        snapshot = final_scrape(serve_app.metrics_url)
-        names = {s["name"] for s in snapshot["samples"]}
-        if "ray_llmslo_nvml_available" in names or time.monotonic() > deadline:
-            break
+    names: set[str] = set()
+    while "ray_llmslo_build_info" not in names and time.monotonic() < deadline:
         time.sleep(1)
-    assert "ray_llmslo_nvml_available" in names, sorted(names)
+        names = {s["name"] for s in final_scrape(serve_app.metrics_url)["samples"]}
+    assert {"ray_llmslo_build_info", "ray_llmslo_nvml_available"} <= names, sorted(names)
     assert all(n.startswith("ray_llmslo_") for n in names)
+
+    save_server_metrics(tmp_path, None, serve_app.metrics_url, 0.0, 0.0, engine="configured")
+    platform = json.loads((tmp_path / "platform.json").read_text())
+    assert platform["engine"] == "simulated" and platform["weights"] == "simulated", platform
+    assert json.loads((tmp_path / "server_metrics.json").read_text())["samples"]
