@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel
+
 
 class APIError(Exception):
     """An error answered to the client with ``status`` and OpenAI's error body."""
@@ -31,6 +33,19 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer's body (published in the OpenAPI schema)."""
+
+    error: ErrorDetail
 
 
 def invalid(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:

@@ -15,7 +15,6 @@ HTTP errors; failures after it are an SSE error event followed by ``[DONE]``.
 
 
 import asyncio
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +23,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -31,33 +31,58 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.engines.base import Delta, Finish
-from serve.errors import APIError, invalid, server_error
+from serve.access import RateLimited, RateLimiter, check_bearer, read_body
+from serve.engines.base import Delta, EngineUnavailableError, Finish
+from serve.errors import APIError, ErrorResponse, invalid, server_error
 from serve.faults import FaultSpec, FaultState
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
 from serve.model import ReplicaHello, StreamError
 from serve.observe import RequestRecord
 from serve.openai_format import DONE, ChunkWriter, completion, delta_fields
-from serve.schema import Prepared, parse_body, prepare, validation_error
+from serve.schema import ChatCompletionRequest, Prepared, parse_body, prepare, validation_error
 from serve.settings import AppSettings
 from serve.telemetry import start_telemetry
 
 log = structlog.get_logger("llmslo.ingress")
 HEALTH_TIMEOUT_S = 5.0
-MAX_BODY_BYTES = 64 * 2**20
 
 app = FastAPI(title="llmslo model service", docs_url=None, redoc_url=None)
 
 _STREAM_ERRORS = {
     "oom": (500, "out_of_memory"),
     "overloaded": (503, "overloaded"),
+    "unavailable": (503, "upstream_unavailable"),
     "engine": (500, "engine_error"),
+}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 429, 500, 503)}
+_CHAT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
+    }
 }
 
 
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the chat request model (the route reads the raw body itself,
+    so that every validation failure is answered in OpenAI's error shape)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        request = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["ChatCompletionRequest"] = request
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
+
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    headers = {"retry-after": str(err.retry_after)} if isinstance(err, RateLimited) else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def _abandon(stream: DeploymentResponseGenerator, rec: RequestRecord) -> None:
@@ -119,6 +144,7 @@ class Ingress:
         self.stream_handle = model.options(stream=True)
         self.metrics = ServerMetrics(self.model_name)
         self.faults = FaultState()
+        self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_burst)
         self.dead_replicas: set[str] = set()
         self.created = int(time.time())
         start_telemetry(self.model_name, "ingress")
@@ -127,28 +153,31 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 once a model replica answers, else 503."""
+        """200 once a model replica answers and its engine can serve (an upstream engine's
+        server is reachable), else 503 with the reason."""
         try:
             await asyncio.wait_for(self._ready(), HEALTH_TIMEOUT_S)
+        except EngineUnavailableError:
+            return JSONResponse({"status": "unavailable", "reason": "upstream inference server unreachable"}, 503)
         except Exception:  # noqa: BLE001 - any failure means "not ready"
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+            return JSONResponse({"status": "unavailable", "reason": "no model replica answered"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models")
-    async def models(self) -> dict[str, Any]:
+    @app.get("/v1/models", responses=_ERRORS)
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._admit(request)
         return {
             "object": "list",
             "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llmslo"}],
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_ERRORS, openapi_extra=_CHAT_BODY)
     async def chat_completions(self, request: Request) -> Response:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         rec = RequestRecord(self.metrics, request_id)
         try:
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                raise APIError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="payload_too_large")
+            self._admit(request)
+            body = await read_body(request, self.settings.max_body_bytes, self.settings.body_timeout_s)
             prepared = await prepare(parse_body(body), self.settings, request_id)
         except APIError as err:
             rec.close(err.status, err.code)
@@ -180,18 +209,18 @@ class Ingress:
 
     # ---- admin / fault injection -------------------------------------------
 
-    @app.get("/admin/faults")
+    @app.get("/admin/faults", include_in_schema=False)
     async def get_faults(self, request: Request) -> JSONResponse:
         self._authorize(request)
         return JSONResponse(self.faults.snapshot())
 
-    @app.delete("/admin/faults")
+    @app.delete("/admin/faults", include_in_schema=False)
     async def clear_faults(self, request: Request) -> JSONResponse:
         self._authorize(request)
         self.faults.clear()
         return JSONResponse(self.faults.snapshot())
 
-    @app.post("/admin/faults")
+    @app.post("/admin/faults", include_in_schema=False)
     async def set_faults(self, request: Request) -> JSONResponse:
         self._authorize(request)
         try:
@@ -217,9 +246,13 @@ class Ingress:
         token = self.settings.admin
         if not token:
             raise APIError(404, "the admin API is disabled (set admin_token)", code="admin_disabled")
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise APIError(401, "missing or wrong admin bearer token", type="authentication_error", code="invalid_token")
+        check_bearer(request, token, "admin")
+
+    def _admit(self, request: Request) -> None:
+        """Rate limit, then the API key (when configured) of a /v1 call."""
+        self.limiter.check(request)
+        if self.settings.api_token:
+            check_bearer(request, self.settings.api_token, "API")
 
     def _count_crash(self, replica: str | None) -> None:
         key = replica or f"unknown-{uuid.uuid4().hex}"

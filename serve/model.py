@@ -24,7 +24,15 @@ import structlog
 from ray import serve
 
 from serve.engines import create_engine
-from serve.engines.base import Delta, EngineError, EngineOOMError, EngineOverloadedError, Finish, GenerationRequest
+from serve.engines.base import (
+    Delta,
+    EngineError,
+    EngineOOMError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    Finish,
+    GenerationRequest,
+)
 from serve.faults import Directive
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
@@ -49,7 +57,7 @@ class ReplicaHello:
 class StreamError:
     """Last item of a failed stream (replaces Finish)."""
 
-    kind: Literal["oom", "overloaded", "engine"]
+    kind: Literal["oom", "overloaded", "unavailable", "engine"]
     message: str
 
 
@@ -61,6 +69,8 @@ def _classify(exc: BaseException) -> tuple[str, str | None]:
         return "oom", "cuda"
     if isinstance(exc, EngineOverloadedError):
         return "overloaded", None
+    if isinstance(exc, EngineUnavailableError):
+        return "unavailable", None
     return "engine", None
 
 
@@ -139,7 +149,10 @@ class ModelServer:
             yield StreamError(kind, str(exc) if kind != "engine" or isinstance(exc, EngineError) else "internal engine error")
 
     async def ready(self) -> str:
-        """Cheap liveness answer for /healthz: this replica's id."""
+        """Readiness for /healthz: this replica's id, or the engine's EngineUnavailableError."""
+        check_ready = getattr(self.engine, "check_ready", None)
+        if check_ready is not None:
+            await check_ready()
         return self.replica_id
 
     async def check_health(self) -> None:

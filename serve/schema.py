@@ -77,7 +77,11 @@ class ChatCompletionRequest(BaseModel):
     Unknown fields are ignored (as vLLM does), so newer clients keep working.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "autoglm-phone-9b", "max_tokens": 8,
+                                         "messages": [{"role": "user", "content": "你是谁?"}]}]},
+    )
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -140,6 +144,10 @@ def parse_body(body: bytes) -> ChatCompletionRequest:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise invalid(f"request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except ValueError:  # an integer beyond Python's 4300-digit limit
+        raise invalid("request body is not valid JSON: a number is too long", None, "invalid_json") from None
+    except RecursionError:
+        raise invalid("request body is not valid JSON: nested too deeply", None, "invalid_json") from None
     if not isinstance(raw, dict):
         raise invalid("request body must be a JSON object", None, "invalid_json")
     try:

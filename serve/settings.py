@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmslo.slo import load_slo
 
 ADMIN_TOKEN_ENV = "LLMSLO_ADMIN_TOKEN"
+API_KEY_ENV = "LLMSLO_API_KEY"
 
 
 class _Strict(BaseModel):
@@ -64,6 +65,13 @@ class AppSettings(_Strict):
     ingress_max_ongoing_requests: int = Field(1000, ge=1)
     ingress_cpus: float = Field(0.5, ge=0)
     admin_token: str | None = Field(None, description=f"enables /admin; or set ${ADMIN_TOKEN_ENV}")
+    api_key: str | None = Field(
+        None, description=f"bearer token required on /v1/*; or set ${API_KEY_ENV}; unset = open (the seed's api_key='EMPTY')"
+    )
+    max_body_bytes: int = Field(64 * 2**20, ge=1024, description="request body limit (413 beyond)")
+    body_timeout_s: float = Field(30.0, gt=0, description="the whole body must arrive within this (408 beyond)")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="requests/s per client address on /v1/*; 0 = off")
+    rate_limit_burst: int = Field(0, ge=0, description="bucket size; 0 = max(1, ceil(2 x rate_limit_per_s))")
     media: MediaLimits = Field(default_factory=MediaLimits)
     slo_path: str | None = None
 
@@ -84,6 +92,14 @@ class AppSettings(_Strict):
     @property
     def admin(self) -> str | None:
         return self.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+
+    @property
+    def api_token(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    @property
+    def rate_burst(self) -> int:
+        return self.rate_limit_burst or max(1, math.ceil(2 * self.rate_limit_per_s))
 
     def target_ongoing_requests(self) -> float:
         return max(1.0, math.floor(self.concurrency_target * self.target_utilization))

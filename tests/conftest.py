@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,3 +158,78 @@ def serve_faults(serve_app: ServeApp) -> Iterator[ServeApp]:
     serve_app.admin("DELETE")
     yield serve_app
     serve_app.admin("DELETE")
+
+
+# ---------------------------------------------------------------------------
+# A second, locked-down app (engineer F's security tests and upstream drill).
+# ---------------------------------------------------------------------------
+
+LOCKED_API_KEY = "test-api-key-0123456789"
+LOCKED_LIMITS = {"max_body_bytes": 2**20, "body_timeout_s": 3.0, "rate_limit_per_s": 20.0, "rate_limit_burst": 40}
+
+
+@dataclass
+class Upstream:
+    """A ground-truth OpenAI SSE server (loadtest._truth_server) that a drill can stop and restart."""
+
+    port: int
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "loadtest._truth_server", "--port", str(self.port), "--ttft", "0.02", "--itl", "0.002"]
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert "listening" in self.proc.stdout.readline()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@dataclass(frozen=True)
+class LockedApp:
+    """``llmslo serve`` with the upstream engine (-> ``upstream``), API key ``api_key`` from
+    $LLMSLO_API_KEY, admin API off, and the limits of LOCKED_LIMITS."""
+
+    url: str
+    api_base: str
+    api_key: str
+    model: str
+    log_path: Path
+    upstream: Upstream
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.api_key}"}
+
+
+@pytest.fixture(scope="session")
+def locked_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LockedApp]:
+    """One model replica forwarding to a truth server, behind an API key and tight limits."""
+    tmp = tmp_path_factory.mktemp("locked")
+    upstream = Upstream(free_port())
+    upstream.start()
+    port, metrics_port = free_port(), free_port()
+    config = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
+    config["applications"][0]["args"] = {
+        "engine": "upstream", "num_replicas": 1, "cpus_per_replica": 0.5, "gpus_per_replica": 0,
+        "engine_options": {"base_url": f"http://127.0.0.1:{upstream.port}/v1", "connect_timeout_s": 1.0,
+                           "read_timeout_s": 10.0},
+        **LOCKED_LIMITS,
+    }  # fmt: skip
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    log_path = tmp / "serve.log"
+    cmd = [sys.executable, "-m", "serve.cli", "--config", str(tmp / "config.yaml"), "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--num-cpus", "1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "LLMSLO_API_KEY": LOCKED_API_KEY}
+    env.pop("LLMSLO_ADMIN_TOKEN", None)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log_path)
+        yield LockedApp(url, f"{url}/v1", LOCKED_API_KEY, "autoglm-phone-9b", log_path, upstream)
+    finally:
+        _stop(proc)
+        upstream.stop()

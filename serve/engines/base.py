@@ -106,6 +106,11 @@ class EngineOverloadedError(EngineError):
     """The engine refuses new work right now (answered as 503, retryable)."""
 
 
+class EngineUnavailableError(EngineError):
+    """The server the engine relies on cannot be reached (the upstream engine's
+    inference server is down): answered as 503, and ``/healthz`` reports it."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str
@@ -124,3 +129,7 @@ class Engine(Protocol):
 
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve (Ray Serve restarts the replica)."""
+
+    # Optional: ``async def check_ready(self) -> None`` raises EngineUnavailableError
+    # while something outside the replica is missing (an upstream server); /healthz
+    # then answers 503, and Serve does NOT restart the replica (a restart cannot help).

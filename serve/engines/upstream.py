@@ -30,12 +30,14 @@ from serve.engines.base import (
     EngineOOMError,
     EngineOverloadedError,
     EngineStats,
+    EngineUnavailableError,
     Finish,
     GenerationRequest,
     Message,
 )
 
 OOM_MARKERS = ("out of memory", "out_of_memory", "outofmemory")
+READY_TIMEOUT_S = 2.0
 
 
 class LaunchOptions(BaseModel):
@@ -163,6 +165,15 @@ class UpstreamEngine:
         if self._process is not None and self._process.returncode is not None:
             raise EngineError(f"vllm serve exited with {self._process.returncode}")
 
+    async def check_ready(self) -> None:
+        """Any HTTP answer from the upstream counts as reachable; no answer -> unavailable."""
+        if self._client is None:
+            raise EngineUnavailableError("upstream engine not started")
+        try:
+            await self._client.get("/models", timeout=READY_TIMEOUT_S)
+        except httpx.TransportError as exc:
+            raise EngineUnavailableError(f"upstream inference server unreachable ({type(exc).__name__})") from None
+
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.options.upstream_model or self.model_id,
@@ -194,8 +205,10 @@ class UpstreamEngine:
                     raise classify(resp.status_code, (await resp.aread()).decode(errors="replace"))
                 async for item in self._parse(resp, request):
                     yield item
+        except httpx.TransportError as exc:  # refused, reset, timed out: the server is gone
+            raise EngineUnavailableError(f"upstream inference server unreachable ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
-            raise EngineError(f"upstream unreachable: {type(exc).__name__}") from None
+            raise EngineError(f"upstream error: {type(exc).__name__}") from None
         finally:
             self._running -= 1
 
