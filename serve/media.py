@@ -91,7 +91,9 @@ def decode_image(raw: bytes, limits: MediaLimits, param: str) -> ImageInput:
             if min(width, height) < limits.min_image_side:
                 raise invalid(f"{param}: image is {width}x{height}, smaller than {limits.min_image_side} px", param, "image_too_small")
             img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # Pillow's own guard, at twice its MAX_IMAGE_PIXELS
+        raise invalid(f"{param}: image has more than {limits.max_image_pixels} pixels", param, "image_too_large") from None
+    except (OSError, SyntaxError, ValueError):
         raise invalid(f"{param} could not be decoded as an image", param, "invalid_image") from None
     return ImageInput(width=width, height=height, format=fmt, data=raw)
 
