@@ -37,6 +37,10 @@ def parse_args() -> argparse.Namespace:
     # The load test sizes prompts in words; serve/tokens.py counts ~1.28 tokens per such word, and the
     # synthetic engine runs exactly the counted tokens: 400 words -> ~512 prompt tokens on the GPU.
     p.add_argument("--input-words", type=int, default=400)
+    p.add_argument("--step-users", default="", help="step ramp, e.g. 1,2,4,8,16,32 (instead of fixed --users)")
+    p.add_argument("--step-duration", type=int, default=40)
+    p.add_argument("--no-server-metrics", action="store_true",
+                   help="do not scrape Ray's metrics port (server KPIs then NOT MEASURED)")
     p.add_argument("--engine-options", default="{}", help="engine_options JSON (TransformersEngineConfig fields)")
     p.add_argument("--platform-label", default="")
     p.add_argument("--ready-timeout", type=float, default=420)
@@ -77,16 +81,17 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float) -> float:
 def headline(summary_file: Path) -> dict[str, float | None]:
     """The numbers the GPU note quotes, read from the load test's own summary (its definitions)."""
     s = json.loads(summary_file.read_text())
-    m = s["metrics"]
+    m = {k: v.get("all", {}) for k, v in s["metrics"].items()}
     prompts = [json.loads(line).get("prompt_tokens") for line in (summary_file.parent / "requests.jsonl").open()]
     prompts = [p for p in prompts if p]
     return {
         "requests": s["requests"]["total"], "failed": s["requests"]["failed"],
-        "ttft_p50_ms": 1000 * m["ttft_seconds"]["all"]["p50"], "ttft_p95_ms": 1000 * m["ttft_seconds"]["all"]["p95"],
-        "decode_tps_p10": m["decode_tokens_per_second"]["all"]["p10"],
-        "decode_tps_p50": m["decode_tokens_per_second"]["all"]["p50"],
+        "ttft_p50_s": m.get("ttft_seconds", {}).get("p50"), "ttft_p95_s": m.get("ttft_seconds", {}).get("p95"),
+        "decode_tps_p10": m.get("decode_tokens_per_second", {}).get("p10"),
+        "decode_tps_p50": m.get("decode_tokens_per_second", {}).get("p50"),
         "prompt_tokens_mean": sum(prompts) / len(prompts) if prompts else None,
-        "output_tokens_per_s_level": s["levels"][0]["output_tokens_per_s"] if s["levels"] else None,
+        "levels": [{"users": lv["level"], "requests": lv["requests"], **lv["kpis"],
+                    "output_tokens_per_s": lv["output_tokens_per_s"]} for lv in s["levels"]],
     }
 
 
@@ -107,8 +112,13 @@ def main() -> int:
         cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
                "-u", str(args.users), "-r", str(args.users), "-t", args.run_time, "--only-summary",
                "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0", "--short-share", "0",
-               "--input-tokens", str(args.input_words), "--output-tokens", "256",
-               "--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
+               "--input-tokens", str(args.input_words), "--output-tokens", "256"]
+        if not args.no_server_metrics:
+            cmd += ["--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
+        if args.step_users:  # the ramp needs the whole of every step: -t covers them all
+            steps = len(args.step_users.split(","))
+            cmd[cmd.index("-t") + 1] = f"{steps * args.step_duration + 5}s"
+            cmd += ["--step-users", args.step_users, "--step-duration", str(args.step_duration)]
         print(" ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=900)
         label = args.platform_label or f"{args.gpus}×GPU transformers (synthetic weights)"
