@@ -118,7 +118,8 @@ def main() -> int:
         if args.step_users:  # the ramp needs the whole of every step: -t covers them all
             steps = len(args.step_users.split(","))
             cmd[cmd.index("-t") + 1] = f"{steps * args.step_duration + 5}s"
-            cmd += ["--step-users", args.step_users, "--step-duration", str(args.step_duration)]
+            # every level is measured (the seed's table has them all), not only up to the first failing one
+            cmd += ["--step-users", args.step_users, "--step-duration", str(args.step_duration), "--step-keep-going"]
         print(" ".join(cmd), flush=True)
         done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=900)
         label = args.platform_label or f"{args.gpus}×GPU transformers (synthetic weights)"
