@@ -223,7 +223,9 @@ def test_locust_points_at_serve_and_master(compose: dict[str, Any]) -> None:
 
 def test_gpu_profile_reserves_the_gpus_of_one_model_copy(compose: dict[str, Any]) -> None:
     devices = compose["services"]["serve-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    assert int(devices[0]["count"]) == load_slo().service.gpus_per_replica
+    gpu_command = compose["services"]["serve-gpu"]["command"]
+    per_replica = int(gpu_command[gpu_command.index("--gpus-per-replica") + 1])
+    assert per_replica == int(devices[0]["count"]) == load_slo().service.gpus_per_replica
     assert "deploy" not in compose["services"]["serve-sim"]
     sim = compose["services"]["serve-sim"]["command"]
     assert sim[sim.index("--engine") + 1] == "simulated"
