@@ -7,6 +7,7 @@ silent on a healthy one, and do what slo.yaml's comparison says at the target.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -81,3 +82,15 @@ def test_every_alert_has_severity_summary_description_and_runbook() -> None:
             assert rule["labels"]["severity"] in ("page", "ticket")
             assert {"summary", "description", "runbook_url"} <= set(rule["annotations"])
             assert rule["annotations"]["runbook_url"].startswith("README.md#runbook-")
+
+
+def _github_slug(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_runbook_link_lands_on_a_readme_section() -> None:
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "README.md").read_text(), flags=re.M)
+    anchors = {_github_slug(h) for h in headings}
+    missing = {a.runbook_url for a in rules.all_alerts(load_slo()) if a.runbook_url.split("#")[1] not in anchors}
+    assert not missing, f"README.md has no section for {sorted(missing)}"
