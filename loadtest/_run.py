@@ -57,6 +57,7 @@ class Run:
     worker_id: str = "local"
     senders: set[str] = field(default_factory=set)
     finals: set[str] = field(default_factory=set)
+    received: dict[str, int] = field(default_factory=dict)  # worker -> request records received from it
     finisher: gevent.Greenlet | None = None
 
     # --- samples -----------------------------------------------------------
@@ -76,6 +77,7 @@ class Run:
 
     def receive(self, payload: dict) -> None:
         self.senders.add(payload["worker"])
+        self.received[payload["worker"]] = self.received.get(payload["worker"], 0) + len(payload["records"])
         if payload["final"]:
             self.finals.add(payload["worker"])
         for rec in payload["records"]:
@@ -117,7 +119,9 @@ class Run:
         missing = sorted(self.senders - self.finals) if final else []
         if missing:
             validity["valid"] = False
-            validity["reasons"].append(f"final samples of worker(s) {', '.join(missing)} never arrived")
+            lost = ", ".join(f"{w} ({self.received.get(w, 0)} request records received before)" for w in missing)
+            validity["reasons"].append(f"final samples of worker(s) {lost} never arrived")
+            validity["lost_workers"] = {w: self.received.get(w, 0) for w in missing}
         failed = [r for r in records if not r["ok"]]
         discrepant = [r for r in records if r["ok"] and r["token_discrepancy"]]
         return {
@@ -220,7 +224,7 @@ def on_test_start(environment, **_kw) -> None:
         return
     opts = environment.parsed_options
     RUN.records, RUN.windows, RUN.worker_samples = [], {}, {}
-    RUN.senders, RUN.finals = set(), set()
+    RUN.senders, RUN.finals, RUN.received = set(), set(), {}
     RUN.level, RUN.level_since, RUN.t_stop = 0, None, None
     RUN.t_start, RUN.wall_start = time.perf_counter(), time.time()
     RUN.server = ServerWatch(opts.server_metrics_url or None, RUN.settings.slo.service.gpus_per_replica)

@@ -1,0 +1,56 @@
+"""Drill: a Locust worker is SIGKILLed mid-run.
+
+The master must still finish, write its report, mark the run invalid and name the
+lost worker with the number of request records it had delivered (the records of its
+last report interval die with it, so the verdict must not pass as if complete).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from conftest import free_port
+from loadtest._headless import LOCUSTFILE_DIR, locust_command
+from loadtest._truth_server import running
+
+TRAFFIC = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "12", "--short-share", "0")
+
+
+def test_killed_worker_is_named_with_its_samples_and_the_master_finishes(tmp_path):
+    with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
+        port = free_port()
+        master = subprocess.Popen(
+            [*locust_command(url, tmp_path / "run", 4, "12s", *TRAFFIC), "--master", "--expect-workers", "2",
+             "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        worker = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--worker",
+                  "--master-host", "127.0.0.1", "--master-port", str(port)]
+        workers = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+        try:
+            time.sleep(8)  # connect (a few s), spawn, and several report intervals of traffic
+            workers[0].kill()
+            output, _ = master.communicate(timeout=120)
+        finally:
+            for proc in [master, *workers]:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    assert master.returncode in (1, 3), output[-3000:]  # judged (4 users fail the concurrency KPI), not crashed
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (tmp_path / "run" / "report.html").exists()
+    validity = summary["validity"]
+    assert validity["valid"] is False
+    by_worker = Counter(json.loads(line)["worker"] for line in (tmp_path / "run" / "requests.jsonl").read_text().splitlines())
+    lost = validity["lost_workers"]
+    assert len(lost) == 1, validity
+    (name, delivered), = lost.items()
+    assert delivered == by_worker[name] > 0, (lost, by_worker)
+    assert any(name in r and f"{delivered} request records" in r for r in validity["reasons"]), validity["reasons"]
+    survivor = set(by_worker) - {name}
+    assert survivor and by_worker[survivor.pop()] > 0
+    print(f"lost worker {name}: {delivered} records delivered; reasons: {validity['reasons']}")
