@@ -13,7 +13,7 @@ from loadtest import run_headless
 from loadtest._server_metrics import CPU, GPU_USED, OOM, ServerWatch, gpu_gb_per_copy, parse
 from loadtest._sse import StreamError, StreamRecord, read_stream
 from loadtest._truth_server import running
-from loadtest._verdict import ServerFacts, describe, level_table, verdict
+from loadtest._verdict import ServerFacts, client_kpi_values, describe, level_table, verdict
 
 SLO = load_slo()
 
@@ -80,6 +80,16 @@ def test_verdict_reads_targets_from_slo_and_judges_short_replies_only():
     assert set(kpis) == set(SLO.kpis)
     slow = records + [_rec(target * 2, 6.0, 256) for _ in range(5)]
     assert verdict(slow, SLO, level_table(slow, SLO, {8: 10.0}), ServerFacts(), 60)["ttft_p95"]["pass"] is False
+
+
+def test_seed_tokens_per_s_is_judged_on_benchmark_replies_only():
+    short = SLO.benchmark.short_reply_max_tokens
+    long_replies = [_rec(0.3, 0.3 + 255 / 50, 256) for _ in range(3)]  # 256 / 5.4 s = 47.4 tokens/s
+    short_replies = [_rec(0.3, 0.3 + (short - 1) / 50, short) for _ in range(3)]  # ~33 tokens/s
+    kpis = client_kpi_values(long_replies + short_replies, SLO)
+    value, count = kpis["output_tokens_per_s_mean"]
+    assert count == 3 and value == pytest.approx(256 / (0.3 + 255 / 50))
+    assert SLO.kpis["output_tokens_per_s_mean"].passes(value)
 
 
 EXPOSITION = """# TYPE ray_llmslo_oom_events_total counter
