@@ -206,74 +206,17 @@ def main(argv: list[str] | None = None) -> int:
 def measure(name: str, options: dict[str, Any], args: argparse.Namespace, env: dict[str, Any],
             done: list[dict[str, Any]], weights: str) -> dict[str, Any]:
     """One variant, its result saved with the earlier ones at once (a killed run keeps what it measured)."""
-    return result
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "argv": sys.argv,
-    }
-
-
-def table(results: list[dict[str, Any]], weights: str) -> str:
-    lines = [
-        f"| variant ({weights}) | conc | TTFT p50 ms | TTFT p95 ms | decode tok/s p10 | p50 | ms/token mean | aggregate tok/s | GPU mem used GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in results:
-        if "error" in r:
-            error = r["error"][:80].replace("\n", " ")
-            lines.append(f"| {r['variant']} | error: {error} | | | | | | | |")
-        for lv in r.get("levels", []):
-            mem = " + ".join(f"{m:.1f}" for m in lv["gpu_mem_used_gib"])
-            lines.append(
-                f"| {r['variant']} | {lv['concurrency']} | {lv['ttft_ms_p50']:.0f} | {lv['ttft_ms_p95']:.0f} | "
-                f"{lv['decode_tps_p10']:.1f} | {lv['decode_tps_p50']:.1f} | {lv['ms_per_token_mean']:.1f} | "
-                f"{lv['aggregate_tps']:.0f} | {mem} |"
-            )
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = json.loads(args.base)
-    variants = [v.split("=", 1) for v in args.variant] or [["default", "{}"]]
-    env = environment()
-    print(json.dumps(env), flush=True)
-    weights = "real weights" if base.get("model_path") else "synthetic weights"
-    results: list[dict[str, Any]] = []
-    for name, overrides in variants:
-        results.append(measure(name, {**base, **json.loads(overrides)}, args, env, results, weights))
-    best = max((r for r in results if r.get("levels")), default=None,
-               key=lambda r: r["levels"][-1]["decode_tps_p10"] or 0)
-    if args.full_levels and best is not None:
-        args.concurrency = args.full_levels
-        results.append(measure(f"{best['variant']}-full", best["options"], args, env, results, weights))
-    print(table(results, weights))
-    return 0
-
-
-def measure(name: str, options: dict[str, Any], args: argparse.Namespace, env: dict[str, Any],
-            done: list[dict[str, Any]], weights: str) -> dict[str, Any]:
-    """One variant, its result saved with the earlier ones at once (a killed run keeps what it measured)."""
-    if True:
-        print(f"variant {name}: {options}", flush=True)
-        try:
-            result = asyncio.run(run_variant(name, options, args))
-        except Exception as exc:  # one broken variant must not lose the others' numbers
-            traceback.print_exc()
-            result = {"variant": name, "options": options, "error": f"{type(exc).__name__}: {exc}"}
-            gc.collect()
-            torch.cuda.empty_cache()
-        everything = [*done, result]
-        (args.out / "engine_results.json").write_text(json.dumps({"env": env, "results": everything}, indent=1))
-        (args.out / "engine_results.md").write_text(table(everything, weights) + "\n")
+    print(f"variant {name}: {options}", flush=True)
+    try:
+        result = asyncio.run(run_variant(name, options, args))
+    except Exception as exc:  # one broken variant must not lose the others' numbers
+        traceback.print_exc()
+        result = {"variant": name, "options": options, "error": f"{type(exc).__name__}: {exc}"}
+        gc.collect()
+        torch.cuda.empty_cache()
+    everything = [*done, result]
+    (args.out / "engine_results.json").write_text(json.dumps({"env": env, "results": everything}, indent=1))
+    (args.out / "engine_results.md").write_text(table(everything, weights) + "\n")
     return result
 
 
