@@ -12,7 +12,7 @@ MIX = ("--mix", "text=2,image=1,audio=1", "--image-max-px", "448", "--audio-max-
 
 def test_multimodal_run_against_serve_reads_server_kpis(serve_faults, tmp_path):
     app = serve_faults
-    out = run_headless(app.url, tmp_path / "ok", 4, "8s", *MIX, "--server-metrics-url", app.metrics_url, timeout=180)
+    out = run_headless(app.url, tmp_path / "ok", 4, "12s", *MIX, "--server-metrics-url", app.metrics_url, timeout=180)
     s = out.summary
     assert s is not None, out.output[-3000:]
     assert s["requests"]["failed"] == 0, s["errors"]
