@@ -15,7 +15,7 @@ from collections import Counter
 
 from conftest import free_port
 from loadtest._headless import LOCUSTFILE_DIR, locust_command
-from loadtest._truth_server import running
+from loadtest._truth_server import fetch_truth, running
 
 TRAFFIC = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "12", "--short-share", "0")
 
@@ -24,7 +24,7 @@ def test_killed_worker_is_named_with_its_samples_and_the_master_finishes(tmp_pat
     with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
         port = free_port()
         master = subprocess.Popen(
-            [*locust_command(url, tmp_path / "run", 4, "12s", *TRAFFIC), "--master", "--expect-workers", "2",
+            [*locust_command(url, tmp_path / "run", 4, "20s", *TRAFFIC), "--master", "--expect-workers", "2",
              "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
@@ -32,7 +32,10 @@ def test_killed_worker_is_named_with_its_samples_and_the_master_finishes(tmp_pat
                   "--master-host", "127.0.0.1", "--master-port", str(port)]
         workers = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
         try:
-            time.sleep(8)  # connect (a few s), spawn, and several report intervals of traffic
+            deadline = time.monotonic() + 60
+            while len(fetch_truth(url)) < 20 and time.monotonic() < deadline:  # the load is running
+                time.sleep(0.5)
+            time.sleep(4)  # longer than Locust's 3 s worker report interval: both workers have delivered
             workers[0].kill()
             output, _ = master.communicate(timeout=120)
         finally:
