@@ -176,9 +176,20 @@ class Upstream:
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """Listen on ``port`` (again); a no-op while it runs. Retried: a killed server's port can take a moment to free."""
+        if self.proc is not None and self.proc.poll() is None:
+            return
         cmd = [sys.executable, "-m", "loadtest._truth_server", "--port", str(self.port), "--ttft", "0.02", "--itl", "0.002"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert "listening" in self.proc.stdout.readline()
+        for _ in range(20):
+            self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if "listening" in self.proc.stdout.readline():
+                return
+            output = self.proc.stdout.read()
+            self.proc.wait(10)
+            time.sleep(0.5)
+        sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout
+        held = "\n".join(line for line in sockets.splitlines() if f":{self.port}" in line)
+        raise RuntimeError(f"truth server did not start on {self.port}: {output[-300:]}\n{held}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

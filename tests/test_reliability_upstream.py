@@ -8,6 +8,7 @@ port and measures how long until requests and ``/healthz`` succeed again.
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -44,3 +45,25 @@ def test_upstream_gone_is_503_and_unhealthy_then_recovers(locked_app):
     assert recovered is not None, "no recovery within 30 s of the upstream's return"
     print(f"upstream back -> healthz 200 and a 200 answer after {recovered:.2f} s")
     assert _chat(app, stream=True).status_code == 200
+
+
+def test_upstream_dying_mid_stream_is_an_sse_error_never_a_clean_end(locked_app):
+    app = locked_app
+    body = {"model": app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000, "stream": True}
+    try:
+        with httpx.stream("POST", f"{app.api_base}/chat/completions", json=body, headers=app.auth, timeout=30) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            events = [next(lines) for _ in range(3)]  # role chunk and tokens: the stream is running
+            app.upstream.stop()
+            events += [line for line in lines if line]
+    finally:
+        app.upstream.start()
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_unavailable" and "unreachable" in error["message"], error
+    assert not any('"finish_reason": "length"' in e or '"finish_reason":"length"' in e for e in events)
+    until_ok = time.monotonic() + 30
+    while _chat(app).status_code != 200:
+        assert time.monotonic() < until_ok, "no recovery after the upstream came back"
+        time.sleep(0.1)
