@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -150,15 +151,33 @@ class NvmlReader:
 
 
 class CpuReader:
-    """This process's CPU use since the previous call, as a share of the whole machine."""
+    """This process's CPU use since the previous reading, as a share of the whole machine.
 
-    def __init__(self) -> None:
+    CPU time advances in scheduler ticks (10 ms), so a window of a few
+    milliseconds turns one tick into hundreds of percent (the sampler's first
+    reading came right after start-up and showed 1119 %). Readings over less
+    than ``min_window_s`` are withheld: ``read`` returns the last full-window
+    value, or None before there is one.
+    """
+
+    def __init__(self, min_window_s: float = 0.5) -> None:
         self._process = psutil.Process()
         self._cpus = psutil.cpu_count() or 1
-        self._process.cpu_percent(None)  # first call only sets the reference point
+        self._min_window_s = min_window_s
+        self._last = self._clock()
+        self._value: float | None = None
 
-    def read(self) -> float:
-        return self._process.cpu_percent(None) / self._cpus
+    def _clock(self) -> tuple[float, float]:
+        times = self._process.cpu_times()
+        return time.monotonic(), times.user + times.system
+
+    def read(self) -> float | None:
+        wall, cpu = self._clock()
+        last_wall, last_cpu = self._last
+        if wall - last_wall >= self._min_window_s:
+            self._value = 100.0 * (cpu - last_cpu) / (wall - last_wall) / self._cpus
+            self._last = (wall, cpu)
+        return self._value
 
 
 def serve_replica_capacity() -> int | None:
@@ -200,9 +219,10 @@ class RayPublisher:
         self._process_tags = {"model": model, "component": component}
         self._max_ongoing = serve_replica_capacity()
 
-    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu_percent: float) -> None:
+    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu_percent: float | None) -> None:
         self._nvml.set(1.0 if nvml_available else 0.0, tags=dict(self._process_tags))
-        self._cpu.set(cpu_percent, tags=dict(self._process_tags))
+        if cpu_percent is not None:
+            self._cpu.set(cpu_percent, tags=dict(self._process_tags))
         if self._max_ongoing is not None:
             self._capacity.set(float(self._max_ongoing), tags=dict(self._process_tags))
         for gpu in gpus:

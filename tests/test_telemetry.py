@@ -9,7 +9,9 @@ tests/test_monitor_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import time
 
+import psutil
 import pytest
 
 from serve import telemetry
@@ -54,9 +56,16 @@ def test_nvml_reader_without_driver_reports_unavailable_and_no_gpus() -> None:
 
 
 def test_cpu_reader_is_a_share_of_the_machine() -> None:
-    cpu = telemetry.CpuReader()
-    sum(i * i for i in range(200_000))  # burn a little CPU
-    assert 0.0 <= cpu.read() <= 100.0
+    cpu = telemetry.CpuReader(min_window_s=0.2)
+    sum(i * i for i in range(200_000))  # burn CPU inside a window too short to judge
+    assert cpu.read() is None  # a few ms would turn one 10 ms tick into hundreds of percent
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline:  # busy for a full window: one core of the machine
+        pass
+    value = cpu.read()
+    assert value is not None and 0.0 < value <= 100.0
+    one_core = 100.0 / (psutil.cpu_count() or 1)
+    assert value <= one_core * 1.1  # one busy thread can use at most one core (less on a loaded machine)
 
 
 class _Recorder:
