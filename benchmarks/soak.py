@@ -10,6 +10,7 @@ resident set size and the number of open file descriptors (psutil). At the end i
 - RSS per process: mean over the first and the last 10 % of the samples after the warm-up
   (``--warmup-s``) and the change between them in percent,
 - open fds per process: first and last sample after the warm-up, and the maximum,
+- RSS per process at the end of every minute (to tell a warm-up plateau from a leak),
 - alerts: every alert that was firing at any evaluation during the run
   (``max_over_time(ALERTS{alertstate="firing"}[run])`` after the run).
 
@@ -111,7 +112,16 @@ def summarise(samples: list[tuple[float, dict]], warmup_s: float) -> dict[str, d
             "fds_first": series[0][1]["fds"],
             "fds_last": series[-1][1]["fds"],
             "fds_max": max(v["fds"] for _, v in series),
+            "rss_mib_per_minute": _per_minute(series),
         }
+    return out
+
+
+def _per_minute(series: list[tuple[float, dict]]) -> dict[int, float]:
+    """RSS (MiB) of the last sample of each minute since the start: the shape of any growth."""
+    out: dict[int, float] = {}
+    for t, v in series:
+        out[int(t // 60)] = round(v["rss"] / 2**20, 1)
     return out
 
 
