@@ -93,6 +93,10 @@ class ServerWatch:
         except Exception as exc:  # any network/parse failure is reported, not fatal
             self.error = f"server metrics unreachable at {self.url}: {exc}"
             return
+        self.observe(data)
+
+    def observe(self, data: dict[str, list[tuple[dict, float]]]) -> None:
+        """Fold one scrape into the run's facts."""
         self.scrapes += 1
         self.error = None
         self.llmslo_server = self.llmslo_server or INFO in data
@@ -106,7 +110,9 @@ class ServerWatch:
             if gb is not None:
                 self.gpu_gb_max = gb if self.gpu_gb_max is None else max(self.gpu_gb_max, gb)
         if CPU in data:
-            cpu = max(v for _, v in data[CPU])
+            # one scrape = one node's exporter: its serving processes together, as the
+            # CPUHigh alert's ``sum by (instance)`` reads it (max of one process hid a full host)
+            cpu = sum(v for _, v in data[CPU])
             self.cpu_max = cpu if self.cpu_max is None else max(self.cpu_max, cpu)
 
     def facts(self) -> ServerFacts:

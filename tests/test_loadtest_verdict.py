@@ -99,6 +99,7 @@ ray_llmslo_gpu_memory_used_bytes{gpu="0",model="m",uuid="a"} 2.0e10
 ray_llmslo_gpu_memory_used_bytes{gpu="1",model="m",uuid="b"} 2.2e10
 # TYPE ray_llmslo_process_cpu_percent gauge
 ray_llmslo_process_cpu_percent{component="replica"} 35.0
+ray_llmslo_process_cpu_percent{component="ingress"} 40.0
 """
 
 
@@ -109,6 +110,8 @@ def test_server_metrics_are_parsed_by_logical_name():
     watch = ServerWatch("http://127.0.0.1:1/metrics", 2)
     watch.poll()
     assert watch.facts().oom_events is None and "unreachable" in watch.facts().note
+    watch.observe(data)
+    assert watch.facts().cpu_percent_max == pytest.approx(75.0)  # the node's serving processes together
 
 
 def test_passing_run_exits_zero_and_failing_run_non_zero(tmp_path):
