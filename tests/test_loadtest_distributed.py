@@ -7,12 +7,10 @@ same traffic must give the same verdict however the generator is split.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 from conftest import free_port
+from locust_cluster import locust_cluster
 from loadtest import run_headless
-from loadtest._headless import LOCUSTFILE_DIR, locust_command
 from loadtest._truth_server import running
 
 TRAFFIC = ("--mix", "text=2,image=1", "--image-max-px", "256", "--images-max", "1",
@@ -26,22 +24,8 @@ def _verdict(summary: dict) -> dict:
 def test_master_with_two_workers_gives_the_single_process_verdict(tmp_path):
     with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
         single = run_headless(url, tmp_path / "single", 4, "5s", *TRAFFIC, timeout=120)
-        port = free_port()
-        master = subprocess.Popen(
-            [*locust_command(url, tmp_path / "dist", 4, "5s", *TRAFFIC), "--master", "--expect-workers", "2",
-             "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        worker = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--worker",
-                  "--master-host", "127.0.0.1", "--master-port", str(port)]
-        workers = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
-        try:
+        with locust_cluster(url, tmp_path / "dist", 4, "5s", *TRAFFIC) as (master, _):
             output, _ = master.communicate(timeout=120)
-        finally:
-            for proc in [master, *workers]:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
     dist = json.loads((tmp_path / "dist" / "summary.json").read_text())
     assert master.returncode == single.returncode == 1, output[-3000:]  # 4 users < concurrency target
     assert _verdict(dist) == _verdict(single.summary)

@@ -8,13 +8,11 @@ last report interval die with it, so the verdict must not pass as if complete).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections import Counter
 
 from conftest import free_port
-from loadtest._headless import LOCUSTFILE_DIR, locust_command
+from locust_cluster import locust_cluster
 from loadtest._truth_server import fetch_truth, running
 
 TRAFFIC = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "12", "--short-share", "0")
@@ -22,27 +20,13 @@ TRAFFIC = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "12", "
 
 def test_killed_worker_is_named_with_its_samples_and_the_master_finishes(tmp_path):
     with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
-        port = free_port()
-        master = subprocess.Popen(
-            [*locust_command(url, tmp_path / "run", 4, "20s", *TRAFFIC), "--master", "--expect-workers", "2",
-             "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        worker = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--worker",
-                  "--master-host", "127.0.0.1", "--master-port", str(port)]
-        workers = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
-        try:
+        with locust_cluster(url, tmp_path / "run", 4, "20s", *TRAFFIC) as (master, workers):
             deadline = time.monotonic() + 60
             while len(fetch_truth(url)) < 20 and time.monotonic() < deadline:  # the load is running
                 time.sleep(0.5)
             time.sleep(4)  # longer than Locust's 3 s worker report interval: both workers have delivered
             workers[0].kill()
             output, _ = master.communicate(timeout=120)
-        finally:
-            for proc in [master, *workers]:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
     assert master.returncode in (1, 3), output[-3000:]  # judged (4 users fail the concurrency KPI), not crashed
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (tmp_path / "run" / "report.html").exists()
