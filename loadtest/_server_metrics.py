@@ -136,8 +136,8 @@ class ServerWatch:
             cpu_percent_max=self.cpu_max,
             note="",
         )
-        for field, role in (("oom_events", OOM), ("replica_crashes", CRASHES),
-                            ("gpu_memory_gb_per_copy", GPU_USED), ("cpu_percent_max", CPU)):
-            if getattr(facts, field) is None:
-                facts.notes[field] = f"{names[role]} not exported by the server"
+        for attr, role in (("oom_events", OOM), ("replica_crashes", CRASHES),
+                           ("gpu_memory_gb_per_copy", GPU_USED), ("cpu_percent_max", CPU)):
+            if getattr(facts, attr) is None:
+                facts.notes[attr] = f"{names[role]} not exported by the server"
         return facts

@@ -50,10 +50,10 @@ def metric_table(records: list[dict]) -> dict:
     ok = [r for r in records if r["ok"]]
     classes = sorted({r["cls"] for r in records})
     table: dict[str, dict] = {}
-    for field, name in SAMPLE_METRICS.items():
-        source = records if field == "schedule_lag_s" else ok
-        table[name] = {c: describe(r[field] for r in source if r["cls"] == c) for c in classes}
-        table[name]["all"] = describe(r[field] for r in source)
+    for key, name in SAMPLE_METRICS.items():
+        source = records if key == "schedule_lag_s" else ok
+        table[name] = {c: describe(r[key] for r in source if r["cls"] == c) for c in classes}
+        table[name]["all"] = describe(r[key] for r in source)
     table["itl_seconds"] = {c: describe(g for r in ok if r["cls"] == c for g in r["itl_s"]) for c in classes}
     table["itl_seconds"]["all"] = describe(g for r in ok for g in r["itl_s"])
     return table

@@ -158,7 +158,7 @@ def test_replica_kill_and_prometheus_restart_during_a_load_test(serve_faults, pr
         replaced = until("a replacement replica to answer", lambda: _new_replica(app, killed), 120, every=0.5)
         replaced_at = time.monotonic() - t_kill
         until("the crash counter", lambda: total(scrape(app), M.REPLICA_CRASHES) == crashes_before + 1, 30)
-        alert = until("ReplicaCrashed firing", lambda: prom.firing("ReplicaCrashed"), 60, every=0.5)
+        until("ReplicaCrashed firing", lambda: prom.firing("ReplicaCrashed"), 60, every=0.5)
         print(f"kill -> first 200 in {first_ok:.2f} s; replacement replica answering {replaced_at:.1f} s after the kill "
               f"(last poll {replaced:.1f} s); ReplicaCrashed firing {time.monotonic() - t_kill:.1f} s after the kill; "
               f"Prometheus down {prom_down:.1f} s (stop -> ready)")
