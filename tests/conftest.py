@@ -87,6 +87,23 @@ class ServeApp:
             timeout=30,
         )
 
+    def serving_replicas(self, body: dict | None = None, attempts: int = 40) -> set[str]:
+        """Replica ids that answered sequential requests, stopping once all ``replicas`` are seen.
+
+        Ray's router picks between two random replicas by queue length, so a fixed handful of
+        sequential requests can all land on one replica by chance (CI saw 10 in a row);
+        ``attempts`` bounds the search instead. Every answer must be a 200.
+        """
+        body = body or {"model": self.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        seen: set[str] = set()
+        for _ in range(attempts):
+            resp = httpx.post(f"{self.api_base}/chat/completions", json=body, timeout=30)
+            assert resp.status_code == 200, resp.text
+            seen.add(resp.headers["x-llmslo-replica"])
+            if len(seen) == self.replicas:
+                break
+        return seen
+
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
     deadline = time.monotonic() + SERVE_START_TIMEOUT_S

@@ -98,9 +98,4 @@ def test_body_over_64MiB_is_413_without_reading_it(serve_app):
 def test_replicas_serve_after_hostile_input(serve_app):
     body = {**_user("hi"), "messages": [{"role": "user", "content": [
         {"type": "text", "text": "x"}, {"type": "input_audio", "input_audio": {"data": wav_b64(1), "format": "wav"}}]}]}
-    seen = set()
-    for _ in range(10):
-        resp = httpx.post(f"{serve_app.api_base}/chat/completions", json=body, timeout=30)
-        assert resp.status_code == 200, resp.text
-        seen.add(resp.headers["x-llmslo-replica"])
-    assert len(seen) == serve_app.replicas
+    assert len(serve_app.serving_replicas(body)) == serve_app.replicas

@@ -203,5 +203,4 @@ def test_oom_storm_every_oom_counted_alert_fires_engine_keeps_serving(serve_faul
     counted = until("every OOM counted", lambda: total(scrape(app), M.OOM_EVENTS, source="simulated") == before + storm, 30)
     alert = until("OOMInLastHour firing", lambda: prom.firing("OOMInLastHour"), 60, every=0.5)
     print(f"OOM storm of {storm}: all counted after {counted:.1f} s, OOMInLastHour firing {alert:.1f} s later")
-    replicas = {_chat(app, 4).headers.get("x-llmslo-replica") for _ in range(10)}
-    assert len(replicas) == app.replicas and None not in replicas
+    assert len(app.serving_replicas()) == app.replicas
