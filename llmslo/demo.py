@@ -280,6 +280,7 @@ def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
     summary = json.loads(summary_file.read_text())
     console.print()
     console.print(kpi_table(kpi_rows(summary["kpis"]), f"SLO verdict: {summary['verdict']}"))
+    console.print(f"client KPIs judged on {summary['judged']}")
     if not summary["validity"]["valid"]:
         console.print(f"[yellow]run invalid: {'; '.join(summary['validity']['reasons'])}[/]")
     console.print(f"report: {report_dir}  (report.html, summary.json, requests.jsonl, server_metrics.json)")

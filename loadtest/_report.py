@@ -54,6 +54,7 @@ def console_table(summary: dict) -> str:
     lines.append("-" * len(head))
     for r in rows:
         lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['target']:>16} {r['status']:>13}  {r['note']}")
+    lines.append(f"client KPIs judged on {summary['judged']}")
     for reason in summary["validity"]["reasons"]:
         lines.append(f"invalid: {reason}")
     for err, n in summary["errors"].items():
@@ -148,6 +149,7 @@ def render_html(summary: dict, records: list[dict]) -> str:
 <p>Run {'valid' if validity['valid'] else 'INVALID: ' + html.escape('; '.join(validity['reasons']))}.
 Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests, {summary['requests']['failed']} failed.</p>
 <h2>KPIs</h2>{_table(kpi_rows(summary['kpis']))}
+<p>Client KPIs judged on {html.escape(summary['judged'])}.</p>
 <h2>Concurrency levels</h2>{_table(level_rows)}
 <h2>Plots</h2>{''.join(_plots(summary, records))}
 <h2>Metrics (exact percentiles)</h2>{_table(metric_rows)}

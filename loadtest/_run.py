@@ -128,6 +128,7 @@ class Run:
             "verdict": _verdict.overall(kpis),
             "validity": validity,
             "kpis": kpis,
+            "judged": _verdict.judged_records(records, slo)[1],
             "levels": levels,
             "metrics": _verdict.metric_table(records) if final else {},  # the live view skips the heavy part
             "requests": {

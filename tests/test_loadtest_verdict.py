@@ -13,7 +13,7 @@ from loadtest import run_headless
 from loadtest._server_metrics import CPU, GPU_USED, OOM, ServerWatch, gpu_gb_per_copy, parse
 from loadtest._sse import StreamError, StreamRecord, read_stream
 from loadtest._truth_server import running
-from loadtest._verdict import ServerFacts, client_kpi_values, describe, level_table, verdict
+from loadtest._verdict import ServerFacts, client_kpi_values, describe, judged_records, level_table, verdict
 
 SLO = load_slo()
 
@@ -80,6 +80,24 @@ def test_verdict_reads_targets_from_slo_and_judges_short_replies_only():
     assert set(kpis) == set(SLO.kpis)
     slow = records + [_rec(target * 2, 6.0, 256) for _ in range(5)]
     assert verdict(slow, SLO, level_table(slow, SLO, {8: 10.0}), ServerFacts(), 60)["ttft_p95"]["pass"] is False
+
+
+def test_levels_above_the_concurrency_target_probe_headroom_without_failing_the_latency_kpis():
+    target = SLO.concurrency_target
+    ttft = SLO.kpis["ttft_p95"].target
+    within = [_rec(ttft * 0.5, 5.0, 256, level=lvl) for lvl in (1, target) for _ in range(10)]
+    overload = [_rec(ttft * 3, 12.0, 256, level=2 * target) for _ in range(10)]
+    ramping = [_rec(ttft * 3, 12.0, 256, level=0) for _ in range(3)]
+    records = within + overload + ramping
+    levels = level_table(records, SLO, {1: 10.0, target: 10.0, 2 * target: 10.0})
+    kpis = verdict(records, SLO, levels, ServerFacts(), 30)
+    assert kpis["ttft_p95"]["value"] == pytest.approx(ttft * 0.5) and kpis["ttft_p95"]["samples"] == 20
+    assert kpis["concurrency"]["value"] == target  # the overloaded level still shows where it broke
+    assert [row["passes"] for row in levels] == [True, True, False]
+    # a fixed load above the target is judged on every request, ramp included
+    above = overload + ramping
+    assert judged_records(above, SLO) == (above, f"all 13 requests (none at a held level <= target {target})")
+    assert verdict(above, SLO, level_table(above, SLO, {2 * target: 10.0}), ServerFacts(), 30)["ttft_p95"]["pass"] is False
 
 
 def test_seed_tokens_per_s_is_judged_on_benchmark_replies_only():
