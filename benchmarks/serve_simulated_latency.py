@@ -98,12 +98,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server() -> tuple[subprocess.Popen, str]:
+def start_server(replicas: int = 1, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "serve.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-           str(_free_port()), "--replicas", "1", "--time-scale", "1.0", "--num-cpus", "2"]
+           str(_free_port()), "--replicas", str(replicas), "--time-scale", "1.0", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                            start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

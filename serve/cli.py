@@ -1,7 +1,8 @@
 """``llmslo serve``: start a local Ray and deploy serve/config.yaml, then wait.
 
 The same config file ``serve run`` uses; flags override its ``http_options`` and
-``applications[0].args``. Ray's metrics export port (Prometheus scrapes it) is
+``applications[0].args``, and its ``runtime_env.env_vars`` become defaults of this
+process's environment (so every Ray process, not only the replicas, sees them). Ray's metrics export port (Prometheus scrapes it) is
 fixed here (default 8080) because a plain ``ray.init`` picks a random one.
 Stops cleanly (Serve, then Ray) on Ctrl-C or SIGTERM.
 """
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     http, entry, args = app_config(ns)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray reads its Serve settings at import in each process: export the config's
+    # env_vars before Ray starts, so the proxy and controller see them too.
+    for key, value in ((entry.get("runtime_env") or {}).get("env_vars") or {}).items():
+        os.environ.setdefault(key, str(value))
     import ray
     from ray import serve
 

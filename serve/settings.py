@@ -8,6 +8,7 @@ Every deployment option that depends on the SLO (``target_ongoing_requests``,
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any
@@ -75,8 +76,9 @@ class AppSettings(_Strict):
     media: MediaLimits = Field(default_factory=MediaLimits)
     slo_path: str | None = None
 
-    @property
+    @functools.cached_property
     def served_model(self) -> str:
+        """Cached: the ingress checks every request's ``model`` against it (slo.yaml parsed once)."""
         return self.model_id or load_slo(self.slo_path).service.model
 
     @property

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,22 +124,14 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
 def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     """A real ``llmslo serve`` (local Ray, Serve, simulated engine, 2 model replicas,
     admin API on) on free loopback ports; shut down (Serve, then Ray) at session end."""
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [
-        sys.executable, "-m", "serve.cli",
-        "--host", "127.0.0.1", "--port", str(port),
+    args = [
         "--metrics-port", str(metrics_port), "--metrics-interval-ms", "1000",
         "--replicas", "2", "--time-scale", str(SERVE_TIME_SCALE),
         "--admin-token", SERVE_ADMIN_TOKEN, "--num-cpus", "2",
     ]  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, log_path)
+    with _serve_process(args, {}, log_path) as url:
         yield ServeApp(
             url=url,
             api_base=f"{url}/v1",
@@ -150,6 +143,23 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
             time_scale=SERVE_TIME_SCALE,
             log_path=log_path,
         )
+
+
+@contextmanager
+def _serve_process(args: list[str], env: dict[str, str | None], log_path: Path) -> Iterator[str]:
+    """``llmslo serve ARGS`` on a free loopback port, logging to ``log_path``; yields its URL once
+    healthy and stops it (Serve, then Ray) on exit. ``env`` entries override os.environ (None unsets)."""
+    port = free_port()
+    merged = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", **env}
+    merged = {k: v for k, v in merged.items() if v is not None}
+    cmd = [sys.executable, "-m", "serve.cli", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=merged, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log_path)
+        yield url
     finally:
         _stop(proc)
 
@@ -237,7 +247,6 @@ def locked_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LockedApp]:
     tmp = tmp_path_factory.mktemp("locked")
     upstream = Upstream(free_port())
     upstream.start()
-    port, metrics_port = free_port(), free_port()
     config = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
     config["applications"][0]["args"] = {
         "engine": "upstream", "num_replicas": 1, "cpus_per_replica": 0.5, "gpus_per_replica": 0,
@@ -247,17 +256,10 @@ def locked_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LockedApp]:
     }  # fmt: skip
     (tmp / "config.yaml").write_text(yaml.safe_dump(config))
     log_path = tmp / "serve.log"
-    cmd = [sys.executable, "-m", "serve.cli", "--config", str(tmp / "config.yaml"), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(metrics_port), "--num-cpus", "1"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "LLMSLO_API_KEY": LOCKED_API_KEY}
-    env.pop("LLMSLO_ADMIN_TOKEN", None)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    args = ["--config", str(tmp / "config.yaml"), "--metrics-port", str(free_port()), "--num-cpus", "1"]
+    env = {"LLMSLO_API_KEY": LOCKED_API_KEY, "LLMSLO_ADMIN_TOKEN": None}
     try:
-        _wait_healthy(url, proc, log_path)
-        yield LockedApp(url, f"{url}/v1", LOCKED_API_KEY, "autoglm-phone-9b", log_path, upstream)
+        with _serve_process(args, env, log_path) as url:
+            yield LockedApp(url, f"{url}/v1", LOCKED_API_KEY, "autoglm-phone-9b", log_path, upstream)
     finally:
-        _stop(proc)
         upstream.stop()
