@@ -40,6 +40,7 @@ class Run:
     records: list[dict] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
     level: int = 0
+    level_epoch: int = 0  # +1 at every level change: a request that sees it change did not run at one load
     target_users: int = 0
     windows: dict[int, float] = field(default_factory=dict)
     level_since: float | None = None
@@ -92,7 +93,13 @@ class Run:
         now = time.perf_counter()
         if self.level and self.level_since is not None:
             self.windows[self.level] = self.windows.get(self.level, 0.0) + now - self.level_since
-        self.level, self.level_since = level, now
+        self.enter_level(level)
+        self.level_since = now
+
+    def enter_level(self, level: int) -> None:
+        """The level every request started from now on belongs to (workers: as the master says)."""
+        if level != self.level:
+            self.level, self.level_epoch = level, self.level_epoch + 1
 
     # --- verdict -----------------------------------------------------------
     def summary(self, environment, final: bool) -> dict:
@@ -194,7 +201,7 @@ def on_init(environment, **_kw) -> None:
 
 
 def _apply_level(data: dict) -> None:
-    RUN.level = data["level"]
+    RUN.enter_level(data["level"])
     RUN.target_users = data["users"]
 
 
@@ -226,7 +233,7 @@ def on_test_start(environment, **_kw) -> None:
     opts = environment.parsed_options
     RUN.records, RUN.windows, RUN.worker_samples = [], {}, {}
     RUN.senders, RUN.finals, RUN.received = set(), set(), {}
-    RUN.level, RUN.level_since, RUN.t_stop = 0, None, None
+    RUN.level, RUN.level_epoch, RUN.level_since, RUN.t_stop = 0, 0, None, None
     RUN.t_start, RUN.wall_start = time.perf_counter(), time.time()
     RUN.server = ServerWatch(opts.server_metrics_url or None, RUN.settings.slo.service.gpus_per_replica)
     RUN.server.poll()

@@ -36,6 +36,7 @@ class StreamRecord:
     start_wall: float = 0.0
     start_mono: float = 0.0
     level: int = 0
+    held: bool = False  # the load stayed at ``level`` from the request's start to its end
     worker: str = ""
     schedule_lag_s: float | None = None
     ok: bool = False

@@ -97,6 +97,11 @@ def client_kpi_values(records: list[dict], slo: SLOConfig) -> dict[str, tuple[fl
     }
 
 
+def _held(record: dict) -> bool:
+    """Ran wholly at its level (records written before ``held`` existed count as held)."""
+    return record.get("held", True)
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -105,12 +110,15 @@ def level_table(records: list[dict], slo: SLOConfig, windows: dict[int, float]) 
     """One row per concurrency level: client KPIs at that level and whether all held.
 
     ``windows`` maps level -> seconds the load generator held that level; the
-    achieved concurrency is the time-average number of requests in flight.
+    achieved concurrency is the time-average number of requests in flight, from
+    every request started in the level. The KPIs use only the requests that ran
+    wholly at the level (``held``): one still streaming when the next step began
+    shared the GPU with that step's load, which is not this level's.
     """
     rows = []
     for level in sorted({r["level"] for r in records if r["level"] > 0}):
         recs = [r for r in records if r["level"] == level]
-        values = client_kpi_values(recs, slo)
+        values = client_kpi_values([r for r in recs if _held(r)], slo)
         checks = {k: slo.kpis[k].passes(v) for k, (v, _) in values.items() if v is not None}
         busy = sum(r["e2e_s"] or 0.0 for r in recs)
         window = windows.get(level, 0.0)
@@ -119,6 +127,7 @@ def level_table(records: list[dict], slo: SLOConfig, windows: dict[int, float]) 
             {
                 "level": level,
                 "requests": len(recs),
+                "held_requests": sum(1 for r in recs if _held(r)),
                 "achieved_concurrency": busy / window if window > 0 else None,
                 "output_tokens_per_s": sum(r["output_tokens"] or 0 for r in recs if r["ok"]) / window if window else None,
                 "requests_per_s": completed / window if window else None,
@@ -136,11 +145,12 @@ def judged_records(records: list[dict], slo: SLOConfig) -> tuple[list[dict], str
     levels above it (the demo holds twice the target) probe headroom, where a
     time-shared GPU is slower by design, so they show in the level table and the
     ``concurrency`` KPI but do not fail the promise. Requests sent while ramping
-    between levels (level 0) are left out as well. A run that never held a level
-    within the target (a fixed load above it) is judged on every request.
+    (level 0) or still running when the level changed are left out as well. A
+    run that never held a level within the target (a fixed load above it) is
+    judged on every request.
     """
     target = slo.concurrency_target
-    inside = [r for r in records if 0 < r["level"] <= target]
+    inside = [r for r in records if 0 < r["level"] <= target and _held(r)]
     if inside:
         held = sorted({r["level"] for r in inside})
         return inside, f"{len(inside)} requests at {', '.join(map(str, held))} streams (<= target {target})"

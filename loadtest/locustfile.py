@@ -65,8 +65,9 @@ class ChatUser(FastHttpUser):
             max_tokens=planned.max_tokens, worker=RUN.worker_id, request_bytes=len(planned.body),
         )
         rec.schedule_lag_s = self._wait_for_slot()
-        rec.level = RUN.level
+        rec.level, epoch = RUN.level, RUN.level_epoch
         self._send(rec, planned.body)
+        rec.held = rec.level > 0 and RUN.level_epoch == epoch
         RUN.add(rec.as_dict())
 
     def _wait_for_slot(self) -> float | None:

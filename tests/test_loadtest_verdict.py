@@ -94,6 +94,11 @@ def test_levels_above_the_concurrency_target_probe_headroom_without_failing_the_
     assert kpis["ttft_p95"]["value"] == pytest.approx(ttft * 0.5) and kpis["ttft_p95"]["samples"] == 20
     assert kpis["concurrency"]["value"] == target  # the overloaded level still shows where it broke
     assert [row["passes"] for row in levels] == [True, True, False]
+    # a request still streaming when the next step began is the next step's load, not this level's
+    straddling = [{**_rec(ttft * 3, 12.0, 256, level=target), "held": False} for _ in range(5)]
+    row = level_table(within + straddling, SLO, {1: 10.0, target: 10.0})[1]
+    assert row["passes"] and row["requests"] == 15 and row["held_requests"] == 10
+    assert verdict(within + straddling, SLO, [row], ServerFacts(), 30)["ttft_p95"]["samples"] == 20
     # a fixed load above the target is judged on every request, ramp included
     above = overload + ramping
     assert judged_records(above, SLO) == (above, f"all 13 requests (none at a held level <= target {target})")
