@@ -189,8 +189,10 @@ class Ingress:
                 self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})
         stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive(), time.time())
         items = self._items(stream, rec)
-        try:
+        try:  # a stream's status is decided at its first token; a plain answer's at its end
             first = await self._next(items)
+            if not prepared.stream:
+                content, reasoning, finish = await self._collect(first, items)
         except APIError as err:
             rec.close(err.status, err.code)
             return error_response(err)
@@ -205,7 +207,9 @@ class Ingress:
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
             )
-        return await self._complete(prepared, rec, first, items, stream, headers)
+        rec.close(200)
+        shown = reasoning if prepared.generation.thinking and prepared.return_reasoning else None
+        return JSONResponse(completion(rec.request_id, self.model_name, content, shown, finish), headers=headers)
 
     # ---- admin / fault injection -------------------------------------------
 
@@ -308,28 +312,12 @@ class Ingress:
             yield writer.error(err)
         yield DONE
 
-    async def _complete(
-        self,
-        prepared: Prepared,
-        rec: RequestRecord,
-        item: Delta | Finish,
-        items: AsyncIterator[Delta | Finish],
-        stream: DeploymentResponseGenerator,
-        headers: dict[str, str],
-    ) -> Response:
+    async def _collect(self, item: Delta | Finish, items: AsyncIterator[Delta | Finish]) -> tuple[str, str, Finish]:
+        """(content, reasoning, Finish) of a non-streamed answer, from its first item on."""
         content: list[str] = []
         reasoning: list[str] = []
-        try:
-            while not isinstance(item, Finish):
-                content.append(item.content)
-                reasoning.append(item.reasoning)
-                item = await self._next(items)
-        except APIError as err:
-            rec.close(err.status, err.code)
-            return error_response(err)
-        except asyncio.CancelledError:
-            _abandon(stream, rec)
-            raise
-        rec.close(200)
-        shown = "".join(reasoning) if prepared.generation.thinking and prepared.return_reasoning else None
-        return JSONResponse(completion(rec.request_id, self.model_name, "".join(content), shown, item), headers=headers)
+        while not isinstance(item, Finish):
+            content.append(item.content)
+            reasoning.append(item.reasoning)
+            item = await self._next(items)
+        return "".join(content), "".join(reasoning), item

@@ -124,7 +124,9 @@ def test_disconnect_before_the_first_token_also_frees_the_slot(serve_faults):
     import threading
 
     app = serve_faults
-    app.admin("POST", {"slowdown": 200})  # first token after ~6 s, the whole answer after minutes
+    # the first token waits >= 1999 x the engine's prefill (>= 5.2 ms at time_scale 0.1): > 10 s, far past
+    # the client's 3 s read timeout whatever the serving path adds
+    app.admin("POST", {"slowdown": 2000})
     body = {"model": app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
             "ignore_eos": True, "stream": True}
     outcome = []
