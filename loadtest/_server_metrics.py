@@ -84,6 +84,10 @@ class ServerWatch:
     error: str | None = None
     scrapes: int = 0
 
+    def __post_init__(self) -> None:
+        if self.url:  # import the serving app's names (and Ray) now, not at the first scrape under load:
+            exported_names()  # that import took ~0.6 s, a stall of the generator's event loop
+
     def poll(self) -> None:
         """Scrape once; remember the error text instead of raising (the run goes on)."""
         if not self.url:
