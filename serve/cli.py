@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +77,20 @@ def app_config(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
     return http, entry, args
 
 
+def export_env_vars(entry: dict[str, Any], environ: MutableMapping[str, str]) -> None:
+    """The application's ``runtime_env.env_vars`` as defaults of ``environ`` (values already set win).
+
+    Ray reads its Serve settings at import in each process; exported before Ray starts,
+    they reach the HTTP proxy and the controller too, not only the replicas."""
+    for key, value in ((entry.get("runtime_env") or {}).get("env_vars") or {}).items():
+        environ.setdefault(key, str(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     http, entry, args = app_config(ns)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray reads its Serve settings at import in each process: export the config's
-    # env_vars before Ray starts, so the proxy and controller see them too.
-    for key, value in ((entry.get("runtime_env") or {}).get("env_vars") or {}).items():
-        os.environ.setdefault(key, str(value))
+    export_env_vars(entry, os.environ)
     import ray
     from ray import serve
 

@@ -219,6 +219,14 @@ def test_requests_reach_both_replicas(serve_app):
     assert len(serve_app.serving_replicas()) == serve_app.replicas
 
 
+def test_serve_runs_in_rays_throughput_mode_behind_its_http_proxy(serve_app):
+    """gRPC between deployments (serve/config.yaml env_vars), and still the proxy on the app's port."""
+    log = serve_app.log_path.read_text(errors="replace")
+    assert "Throughput optimized Ray Serve enabled" in log and "gRPC communication enabled" in log
+    assert "Direct ingress enabled" not in log
+    assert f"(HTTP port: {serve_app.url.rsplit(':', 1)[1]})" in log
+
+
 def test_one_json_log_line_per_request_without_payload(serve_app):
     secret = "do-not-log-this-prompt-7f3a"
     resp = _client(serve_app).chat.completions.create(

@@ -12,7 +12,7 @@ import pytest
 
 from llmslo.slo import load_slo
 from serve import tokens
-from serve.cli import app_config, parse_args
+from serve.cli import app_config, export_env_vars, parse_args
 from serve.engines import create_engine
 from serve.engines.base import Delta, EngineOOMError, Finish, GenerationRequest, Message
 from serve.engines.simulated import SimulatedEngine
@@ -234,3 +234,16 @@ def test_remote_image_urls_are_fetched_only_when_allowed():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_config_env_vars_become_defaults_of_the_servers_environment():
+    """serve/config.yaml turns on Ray's throughput mode but keeps the HTTP proxy and stdout logs;
+    a value the operator already exported wins."""
+    _, entry, _ = app_config(parse_args([]))
+    environ = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"}
+    export_env_vars(entry, environ)
+    assert environ == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                       "RAY_SERVE_LOG_TO_STDERR": "1"}
+    fresh: dict[str, str] = {}
+    export_env_vars(entry, fresh)
+    assert fresh["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
