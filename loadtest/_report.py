@@ -139,7 +139,8 @@ def render_html(summary: dict, records: list[dict]) -> str:
                     | {k: f"{d[k]:.6g}" for k in ("mean", "p50", "p90", "p95", "p99")}
                 )
     level_rows = [
-        {"level": r["level"], "requests": r["requests"], "achieved": fmt(r["achieved_concurrency"]), "passes": r["passes"]}
+        {"level": r["level"], "requests": r["requests"], "judged (held)": r["held_requests"],
+         "achieved": fmt(r["achieved_concurrency"]), "passes": r["passes"]}
         for r in summary["levels"]
     ]
     validity = summary["validity"]
