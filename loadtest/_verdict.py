@@ -97,11 +97,6 @@ def client_kpi_values(records: list[dict], slo: SLOConfig) -> dict[str, tuple[fl
     }
 
 
-def _held(record: dict) -> bool:
-    """Ran wholly at its level (records written before ``held`` existed count as held)."""
-    return record.get("held", True)
-
-
 def _pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -118,7 +113,8 @@ def level_table(records: list[dict], slo: SLOConfig, windows: dict[int, float]) 
     rows = []
     for level in sorted({r["level"] for r in records if r["level"] > 0}):
         recs = [r for r in records if r["level"] == level]
-        values = client_kpi_values([r for r in recs if _held(r)], slo)
+        held = [r for r in recs if r["held"]]
+        values = client_kpi_values(held, slo)
         checks = {k: slo.kpis[k].passes(v) for k, (v, _) in values.items() if v is not None}
         busy = sum(r["e2e_s"] or 0.0 for r in recs)
         window = windows.get(level, 0.0)
@@ -127,7 +123,7 @@ def level_table(records: list[dict], slo: SLOConfig, windows: dict[int, float]) 
             {
                 "level": level,
                 "requests": len(recs),
-                "held_requests": sum(1 for r in recs if _held(r)),
+                "held_requests": len(held),
                 "achieved_concurrency": busy / window if window > 0 else None,
                 "output_tokens_per_s": sum(r["output_tokens"] or 0 for r in recs if r["ok"]) / window if window else None,
                 "requests_per_s": completed / window if window else None,
@@ -150,7 +146,7 @@ def judged_records(records: list[dict], slo: SLOConfig) -> tuple[list[dict], str
     judged on every request.
     """
     target = slo.concurrency_target
-    inside = [r for r in records if 0 < r["level"] <= target and _held(r)]
+    inside = [r for r in records if r["held"] and r["level"] <= target]  # held implies level > 0
     if inside:
         held = sorted({r["level"] for r in inside})
         return inside, f"{len(inside)} requests at {', '.join(map(str, held))} streams (<= target {target})"

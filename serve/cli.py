@@ -2,8 +2,9 @@
 
 The same config file ``serve run`` uses; flags override its ``http_options`` and
 ``applications[0].args``, and its ``runtime_env.env_vars`` become defaults of this
-process's environment (so every Ray process, not only the replicas, sees them). Ray's metrics export port (Prometheus scrapes it) is
-fixed here (default 8080) because a plain ``ray.init`` picks a random one.
+process's environment (so every Ray process, not only the replicas, sees them).
+Ray's metrics export port (Prometheus scrapes it) is fixed here (default 8080)
+because a plain ``ray.init`` picks a random one.
 Stops cleanly (Serve, then Ray) on Ctrl-C or SIGTERM.
 """
 

@@ -23,7 +23,7 @@ SEED_LINES = [
 
 def _record(ttft: float, tpot: float, tokens: int, level: int) -> dict:
     e2e = ttft + tpot * (tokens - 1)
-    return {"ok": True, "cls": "text", "level": level, "ttft_s": ttft, "ttfo_s": ttft, "tpot_s": tpot,
+    return {"ok": True, "cls": "text", "level": level, "held": True, "ttft_s": ttft, "ttfo_s": ttft, "tpot_s": tpot,
             "e2e_s": e2e, "decode_tokens_per_s": 1 / tpot, "output_tokens_per_s": tokens / e2e,
             "output_tokens": tokens, "itl_s": [tpot] * (tokens - 1), "schedule_lag_s": None}
 

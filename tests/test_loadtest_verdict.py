@@ -63,7 +63,7 @@ def test_describe_is_exact_not_bucketed():
 def _rec(ttft, e2e, tokens, ok=True, level=8):
     tpot = (e2e - ttft) / (tokens - 1)
     return {"ok": ok, "cls": "text", "ttft_s": ttft, "e2e_s": e2e, "output_tokens": tokens, "tpot_s": tpot,
-            "decode_tokens_per_s": 1 / tpot, "output_tokens_per_s": tokens / e2e, "level": level,
+            "decode_tokens_per_s": 1 / tpot, "output_tokens_per_s": tokens / e2e, "level": level, "held": level > 0,
             "itl_s": [], "ttfo_s": ttft, "schedule_lag_s": None}
 
 
