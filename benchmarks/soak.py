@@ -37,8 +37,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmslo.generate import names, rules, to_yaml  # noqa: E402
-from llmslo.slo import load_slo  # noqa: E402
+from contract import names
+from llmslo.generate import rules, to_yaml  # noqa: E402
+from contract.slo import load_slo  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 
 ROLES = {"ServeReplica:llmslo:Model": "model", "ServeReplica:llmslo:Ingress": "ingress", "ProxyActor": "proxy"}

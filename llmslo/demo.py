@@ -33,7 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from llmslo import stack
-from llmslo.slo import SLOConfig, load_slo
+from contract.slo import SLOConfig, load_slo
 
 # Ray exports metrics every 10 s by default: too coarse for a 2-minute run's snapshot.
 SERVE_DEFAULTS = ["--metrics-interval-ms", "2000"]
@@ -128,7 +128,7 @@ def watch(locust: stack.Service, the_stack: stack.Stack, steps: list[int], step_
 
 def _series_queries() -> dict[str, str]:
     """PromQL for the server and GPU snapshot, on the exported names the alerts use."""
-    from llmslo.generate import names as n
+    from contract import names as n
 
     return {
         "requests_in_flight": f"sum({n.IN_FLIGHT})",
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 def save_server_metrics(report_dir: Path, prometheus: str | None, metrics_url: str,
                         start: float, end: float, engine: str) -> None:
     """server_metrics.json (Prometheus range queries, else one final scrape) and platform.json."""
-    from llmslo.generate import names as n
+    from contract import names as n
 
     scrape = None if prometheus else final_scrape(metrics_url)
     server = snapshot(prometheus, start, end) if prometheus else scrape

@@ -18,7 +18,7 @@ from grafana_client.client import GrafanaClientError, GrafanaException
 from niquests.exceptions import RequestException
 
 from llmslo.generate import dashboards, grafana
-from llmslo.slo import DEFAULT_PATH, SLOFileError, load_slo
+from contract.slo import DEFAULT_PATH, SLOFileError, load_slo
 
 
 def _missing(exc: GrafanaClientError) -> bool:

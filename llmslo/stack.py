@@ -73,9 +73,9 @@ def prometheus_config(
 ) -> dict[str, Any]:
     """The one Prometheus configuration, for compose (deploy/prometheus.yml) and ``llmslo up``.
 
-    Job names are the ones the generated alert rules select on (llmslo.generate.names).
+    Job names are the ones the generated alert rules select on (contract/names.py).
     """
-    from llmslo.generate.names import CLIENT_JOB, SERVER_JOB
+    from contract.names import CLIENT_JOB, SERVER_JOB
 
     jobs = {SERVER_JOB: ray, CLIENT_JOB: locust, "prometheus": prometheus, "alertmanager": alertmanager}
     config: dict[str, Any] = {

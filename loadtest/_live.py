@@ -15,7 +15,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from llmslo.slo import SLOConfig
+from contract.slo import SLOConfig
 
 TAB_KEY = "slo"
 COLUMNS = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmslo.slo import DEFAULT_PATH, SLOConfig, SLOFileError, load_slo
+from contract.slo import DEFAULT_PATH, SLOConfig, SLOFileError, load_slo
 from loadtest._traffic import Mix, TrafficError
 
 

@@ -1,36 +1,25 @@
 """Read the server-side KPIs (OOM, crashes, GPU memory, CPU) from its Prometheus endpoint.
 
-Metric names are the serving app's own constants (serve/metrics.py and
-serve/telemetry.py, exported through Ray with the ``ray_`` prefix), imported
-only when a server endpoint is given: they pull in Ray, which a load generator
-without ``--server-metrics-url`` does not need.
+Metric names come from the contract (contract/names.py), the same constants
+the server registers and the alert rules query.
 """
 
 from __future__ import annotations
 
 import urllib.request
 from dataclasses import dataclass, field
-from functools import cache
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract import names
 from loadtest._verdict import ServerFacts
 
 OOM, CRASHES, GPU_USED, CPU, INFO = "oom", "crashes", "gpu_used", "cpu", "info"
 
 
-@cache
-def exported_names() -> dict[str, str]:
-    """Role -> exported sample name, from the serving app's constants."""
-    from serve import metrics, telemetry
-
-    return {
-        OOM: metrics.OOM_EVENTS,
-        CRASHES: metrics.REPLICA_CRASHES,
-        GPU_USED: metrics.PREFIX + telemetry.GPU_MEMORY_USED,
-        CPU: metrics.PREFIX + telemetry.PROCESS_CPU,
-        INFO: metrics.BUILD_INFO,
-    }
+EXPORTED = {OOM: names.OOM_EVENTS, CRASHES: names.REPLICA_CRASHES, GPU_USED: names.GPU_MEMORY_USED,
+            CPU: names.PROCESS_CPU, INFO: names.BUILD_INFO}  # role -> exported sample name
+_ROLES = {name: role for role, name in EXPORTED.items()}
 
 
 def scrape(url: str, timeout: float = 3.0) -> dict[str, list[tuple[dict, float]]]:
@@ -45,13 +34,12 @@ def parse(text: str) -> dict[str, list[tuple[dict, float]]]:
     Only the few lines of interest are parsed: Ray's endpoint exports hundreds of
     series, and parsing them all in the master would stall its event loop.
     """
-    roles = {name: role for role, name in exported_names().items()}
-    wanted = "\n".join(line for line in text.splitlines() if line.startswith(tuple(roles)))
+    wanted = "\n".join(line for line in text.splitlines() if line.startswith(tuple(_ROLES)))
     out: dict[str, list[tuple[dict, float]]] = {}
     for family in text_string_to_metric_families(wanted):
         for sample in family.samples:
-            if sample.name in roles:
-                out.setdefault(roles[sample.name], []).append((sample.labels, sample.value))
+            if sample.name in _ROLES:
+                out.setdefault(_ROLES[sample.name], []).append((sample.labels, sample.value))
     return out
 
 
@@ -83,10 +71,6 @@ class ServerWatch:
     llmslo_server: bool = False
     error: str | None = None
     scrapes: int = 0
-
-    def __post_init__(self) -> None:
-        if self.url:  # import the serving app's names (and Ray) now, not at the first scrape under load:
-            exported_names()  # that import took ~0.6 s, a stall of the generator's event loop
 
     def poll(self) -> None:
         """Scrape once; remember the error text instead of raising (the run goes on)."""
@@ -132,7 +116,6 @@ class ServerWatch:
             # an llmslo server creates a counter series at its first event: none yet = 0
             return 0.0 if self.llmslo_server else None
 
-        names = exported_names()
         facts = ServerFacts(
             oom_events=delta(OOM),
             replica_crashes=delta(CRASHES),
@@ -143,5 +126,5 @@ class ServerWatch:
         for attr, role in (("oom_events", OOM), ("replica_crashes", CRASHES),
                            ("gpu_memory_gb_per_copy", GPU_USED), ("cpu_percent_max", CPU)):
             if getattr(facts, attr) is None:
-                facts.notes[attr] = f"{names[role]} not exported by the server"
+                facts.notes[attr] = f"{EXPORTED[role]} not exported by the server"
         return facts

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from llmslo.slo import SLOConfig
+from contract.slo import SLOConfig
 
 # record field -> metric name used in summary.json and the glossary
 SAMPLE_METRICS = {

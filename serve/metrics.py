@@ -47,41 +47,21 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   weights is real | synthetic | simulated.
 - ``ray_llmslo_kv_cache_usage_ratio{model}``: engine KV-cache blocks in use, 0..1.
 
-Histogram buckets include the KPI edges: TTFT 0.6 s, ITL/TPOT 1/45 s, e2e 1.2 s.
+Names and buckets live in contract/names.py (shared with the rules and the load test);
+histogram buckets include the KPI edges: TTFT 0.6 s, ITL/TPOT 1/45 s, e2e 1.2 s.
 """
 
 from __future__ import annotations
 
 from ray.serve import metrics as ray_metrics
 
-PREFIX = "ray_"
-
-REQUESTS = "ray_llmslo_requests_total"
-IN_FLIGHT = "ray_llmslo_requests_in_flight"
-QUEUE_WAIT = "ray_llmslo_queue_wait_seconds"
-TTFT = "ray_llmslo_ttft_seconds"
-ITL = "ray_llmslo_itl_seconds"
-TPOT = "ray_llmslo_tpot_seconds"
-E2E = "ray_llmslo_e2e_seconds"
-PROMPT_TOKENS = "ray_llmslo_prompt_tokens_total"
-COMPLETION_TOKENS = "ray_llmslo_completion_tokens_total"
-REASONING_TOKENS = "ray_llmslo_reasoning_tokens_total"
-MULTIMODAL_INPUTS = "ray_llmslo_multimodal_inputs_total"
-OOM_EVENTS = "ray_llmslo_oom_events_total"
-REPLICA_STARTS = "ray_llmslo_replica_starts_total"
-REPLICA_CRASHES = "ray_llmslo_replica_crashes_total"
-BUILD_INFO = "ray_llmslo_build_info"
-KV_CACHE_USAGE = "ray_llmslo_kv_cache_usage_ratio"
-
-TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
-TOKEN_BUCKETS = (0.005, 0.01, 0.015, 0.018, 0.02, 1 / 45, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
-E2E_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
-QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _logical(exported: str) -> str:
-    """Name to register with Ray (Ray adds the prefix on export)."""
-    return exported.removeprefix(PREFIX)
+from contract.names import (  # noqa: F401 (the names are this module's documented vocabulary)
+    REQUESTS, IN_FLIGHT, QUEUE_WAIT, TTFT, ITL,
+    TPOT, E2E, PROMPT_TOKENS, COMPLETION_TOKENS, REASONING_TOKENS,
+    MULTIMODAL_INPUTS, OOM_EVENTS, REPLICA_STARTS, REPLICA_CRASHES, BUILD_INFO,
+    KV_CACHE_USAGE, TTFT_BUCKETS, TOKEN_BUCKETS, E2E_BUCKETS, QUEUE_BUCKETS,
+    logical,
+)
 
 
 class ServerMetrics:
@@ -92,13 +72,13 @@ class ServerMetrics:
         m = ("model",)
 
         def counter(name: str, doc: str, tags: tuple[str, ...] = m) -> ray_metrics.Counter:
-            return ray_metrics.Counter(_logical(name), description=doc, tag_keys=tags)
+            return ray_metrics.Counter(logical(name), description=doc, tag_keys=tags)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...], tags: tuple[str, ...] = m) -> ray_metrics.Histogram:
-            return ray_metrics.Histogram(_logical(name), description=doc, boundaries=list(buckets), tag_keys=tags)
+            return ray_metrics.Histogram(logical(name), description=doc, boundaries=list(buckets), tag_keys=tags)
 
         def gauge(name: str, doc: str, tags: tuple[str, ...] = m) -> ray_metrics.Gauge:
-            return ray_metrics.Gauge(_logical(name), description=doc, tag_keys=tags)
+            return ray_metrics.Gauge(logical(name), description=doc, tag_keys=tags)
 
         self.requests = counter(REQUESTS, "Finished requests by outcome", ("model", "status", "code"))
         self.in_flight = gauge(IN_FLIGHT, "Requests inside a model replica")

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 
 ADMIN_TOKEN_ENV = "LLMSLO_ADMIN_TOKEN"
 API_KEY_ENV = "LLMSLO_API_KEY"

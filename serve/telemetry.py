@@ -41,6 +41,11 @@ from typing import Callable
 import psutil
 import pynvml
 
+from contract.names import (
+    GPU_ENERGY, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_POWER_LIMIT, GPU_TEMPERATURE,
+    GPU_UTILIZATION, NVML_AVAILABLE, PROCESS_CPU, REPLICA_CAPACITY, logical,
+)
+
 log = logging.getLogger(__name__)
 
 # Ray's metrics agent drops a gauge series that is not re-reported within two
@@ -48,16 +53,6 @@ log = logging.getLogger(__name__)
 # re-set every half second; an NVML read of a few GPUs costs well under 1 ms.
 DEFAULT_INTERVAL_S = 0.5
 
-GPU_MEMORY_USED = "llmslo_gpu_memory_used_bytes"
-GPU_MEMORY_TOTAL = "llmslo_gpu_memory_total_bytes"
-GPU_UTILIZATION = "llmslo_gpu_utilization_ratio"
-GPU_POWER = "llmslo_gpu_power_watts"
-GPU_POWER_LIMIT = "llmslo_gpu_power_limit_watts"
-GPU_TEMPERATURE = "llmslo_gpu_temperature_celsius"
-GPU_ENERGY = "llmslo_gpu_energy_joules_total"
-NVML_AVAILABLE = "llmslo_nvml_available"
-PROCESS_CPU = "llmslo_process_cpu_percent"
-REPLICA_CAPACITY = "llmslo_replica_max_ongoing_requests"
 
 GPU_TAGS = ("gpu", "uuid", "model")
 PROCESS_TAGS = ("model", "component")
@@ -199,7 +194,7 @@ class RayPublisher:
         from ray.serve.metrics import Counter, Gauge  # adds replica labels inside Serve
 
         self._model = model
-        self._gauges = {name: Gauge(name, description=desc, tag_keys=GPU_TAGS) for name, desc in (
+        self._gauges = {name: Gauge(logical(name), description=desc, tag_keys=GPU_TAGS) for name, desc in (
             (GPU_MEMORY_USED, "GPU memory in use on the device (NVML), bytes"),
             (GPU_MEMORY_TOTAL, "GPU memory on the device (NVML), bytes"),
             (GPU_UTILIZATION, "share of the last sample period a kernel ran on the GPU (NVML)"),
@@ -207,14 +202,14 @@ class RayPublisher:
             (GPU_POWER_LIMIT, "enforced GPU power limit (NVML), watts"),
             (GPU_TEMPERATURE, "GPU die temperature (NVML), degrees Celsius"),
         )}
-        self._energy = Counter(GPU_ENERGY, description="GPU energy used since sampling began (NVML), joules",
+        self._energy = Counter(logical(GPU_ENERGY), description="GPU energy used since sampling began (NVML), joules",
                                tag_keys=GPU_TAGS)
         self._last_energy: dict[str, float] = {}
-        self._nvml = Gauge(NVML_AVAILABLE, description="1 when NVML answered in this process, else 0",
+        self._nvml = Gauge(logical(NVML_AVAILABLE), description="1 when NVML answered in this process, else 0",
                            tag_keys=PROCESS_TAGS)
-        self._cpu = Gauge(PROCESS_CPU, description="process CPU use as a share of all logical CPUs, percent",
+        self._cpu = Gauge(logical(PROCESS_CPU), description="process CPU use as a share of all logical CPUs, percent",
                           tag_keys=PROCESS_TAGS)
-        self._capacity = Gauge(REPLICA_CAPACITY, description="max_ongoing_requests of this Serve replica",
+        self._capacity = Gauge(logical(REPLICA_CAPACITY), description="max_ongoing_requests of this Serve replica",
                                tag_keys=PROCESS_TAGS)
         self._process_tags = {"model": model, "component": component}
         self._max_ongoing = serve_replica_capacity()

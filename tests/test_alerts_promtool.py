@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from llmslo.generate import rules
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from llmslo import compare
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from loadtest import _verdict
 
 # seed 001 §4.2, as published

@@ -19,7 +19,7 @@ import jsonschema
 import pytest
 import yaml
 
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from llmslo.stack import Ports, prometheus_config
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -62,7 +62,7 @@ def test_env_table_defaults_match_env_example() -> None:
 
 
 def test_glossary_targets_are_slo_yaml() -> None:
-    from llmslo.slo import load_slo
+    from contract.slo import load_slo
 
     for name, kpi in load_slo().kpis.items():
         row = re.search(rf"^\| `{name}` \| .* \| `([^`]+)` \|$", README, re.M)

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 
 TIMEOUT_S = 300
 

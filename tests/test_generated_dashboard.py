@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from llmslo.generate import dashboards
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 
 ROOT = Path(__file__).resolve().parent.parent
 

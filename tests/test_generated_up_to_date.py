@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from llmslo.generate import main, render, stale
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 
 ROOT = Path(__file__).resolve().parent.parent
 

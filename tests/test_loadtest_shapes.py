@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import free_port
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from loadtest import run_headless
 from loadtest._truth_server import running
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from loadtest import run_headless
 from loadtest._server_metrics import CPU, GPU_USED, OOM, ServerWatch, gpu_gb_per_copy, parse
 from loadtest._sse import StreamError, StreamRecord, read_stream

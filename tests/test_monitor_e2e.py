@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from llmslo.generate import alertmanager, dashboards, grafana, names, rules, to_yaml
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from loadtest import run_headless
 from tests.conftest import free_port, require_binary
 

@@ -19,7 +19,7 @@ import pytest
 
 from llmslo import grafana_push
 from llmslo.generate import dashboards, grafana, rules
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from tests.conftest import free_port
 
 TOKEN = "glsa_test"

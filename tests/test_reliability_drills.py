@@ -29,8 +29,9 @@ import pytest
 import yaml
 
 from conftest import free_port, require_binary
-from llmslo.generate import names, rules, to_yaml
-from llmslo.slo import load_slo
+from contract import names
+from llmslo.generate import rules, to_yaml
+from contract.slo import load_slo
 from loadtest import run_headless
 from serve import metrics as M
 from test_serve_metrics import quiet_scrape, scrape, total

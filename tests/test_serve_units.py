@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from llmslo.slo import load_slo
+from contract.slo import load_slo
 from serve import tokens
 from serve.cli import app_config, export_env_vars, parse_args
 from serve.engines import create_engine

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from llmslo.slo import SLOFileError, load_slo
+from contract.slo import SLOFileError, load_slo
 
 
 def test_shipped_slo_yaml_holds_the_seed_targets():

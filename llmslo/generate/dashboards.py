@@ -18,10 +18,10 @@ from grafana_foundation_sdk.models import common as cm
 from grafana_foundation_sdk.models import dashboard as dm
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-from llmslo.generate import names as n
+from contract import names as n
 from llmslo.generate.promql import num
 from llmslo.generate.rules import events_in
-from llmslo.slo import SLOConfig
+from contract.slo import SLOConfig
 
 DATASOURCE_UID = "llmslo-prometheus"
 DASHBOARD_UID = "llmslo-slo"

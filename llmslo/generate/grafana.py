@@ -18,7 +18,7 @@ from grafana_foundation_sdk.models.alerting import RelativeTimeRange
 from llmslo.generate import rules
 from llmslo.generate.dashboards import DATASOURCE_UID
 from llmslo.generate.promql import num, seconds
-from llmslo.slo import SLOConfig
+from contract.slo import SLOConfig
 
 FOLDER_UID = "llmslo"
 FOLDER_TITLE = "llmslo"

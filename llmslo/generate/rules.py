@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmslo.generate import names as n
+from contract import names as n
 from llmslo.generate.promql import BREACH, histogram_series, num, piecewise, seconds, selector
-from llmslo.slo import KPI, SLOConfig
+from contract.slo import KPI, SLOConfig
 
 RUNBOOK = "README.md#runbook-"
 KPI_FOR = "5m"            # sustained breach before a latency/capacity/resource alert fires

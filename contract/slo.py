@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "slo.yaml"
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "slo.yaml"  # the repository root
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
