@@ -15,6 +15,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from contract import names
+from contract.record import RequestRecord
 from contract.slo import SLOConfig
 
 TAB_KEY = "slo"
@@ -42,27 +44,27 @@ class ClientMetrics:
         k = slo.kpis
         tpot_edge = 1.0 / k["decode_tokens_per_s_p10"].target
         labels = ("model", "traffic_class")
-        self.ttft = Histogram("llmslo_client_ttft_seconds", "Client-measured time to first token", labels,
+        self.ttft = Histogram(names.CLIENT_TTFT, "Client-measured time to first token", labels,
                               buckets=buckets(k["ttft_p95"].target), registry=self.registry)
-        self.tpot = Histogram("llmslo_client_tpot_seconds", "Client-measured time per output token", labels,
+        self.tpot = Histogram(names.CLIENT_TPOT, "Client-measured time per output token", labels,
                               buckets=buckets(tpot_edge, 0.001, 0.002), registry=self.registry)
-        self.e2e = Histogram("llmslo_client_e2e_seconds", "Client-measured end-to-end time", labels,
+        self.e2e = Histogram(names.CLIENT_E2E, "Client-measured end-to-end time", labels,
                              buckets=buckets(k["e2e_short_p95"].target), registry=self.registry)
-        self.requests = Counter("llmslo_client_requests", "Requests completed by the load generator",
+        self.requests = Counter(names.CLIENT_REQUESTS.removesuffix("_total"), "Requests completed by the load generator",
                                 (*labels, "outcome"), registry=self.registry)
-        self.users = Gauge("llmslo_client_users", "Simulated users running", registry=self.registry)
-        self.rps = Gauge("llmslo_client_request_rate", "Current requests per second (Locust)", registry=self.registry)
-        self.failures = Gauge("llmslo_client_failure_ratio", "Failed / total requests (Locust)", registry=self.registry)
+        self.users = Gauge(names.CLIENT_USERS, "Simulated users running", registry=self.registry)
+        self.rps = Gauge(names.CLIENT_REQUEST_RATE, "Current requests per second (Locust)", registry=self.registry)
+        self.failures = Gauge(names.CLIENT_FAILURE_RATIO, "Failed / total requests (Locust)", registry=self.registry)
         self.model = slo.service.model
 
-    def observe(self, rec: dict) -> None:
-        lab = (self.model, rec["cls"])
-        self.requests.labels(*lab, "ok" if rec["ok"] else "failed").inc()
-        if rec["ok"]:
-            self.ttft.labels(*lab).observe(rec["ttft_s"])
-            self.e2e.labels(*lab).observe(rec["e2e_s"])
-            if rec["tpot_s"] is not None:
-                self.tpot.labels(*lab).observe(rec["tpot_s"])
+    def observe(self, rec: RequestRecord) -> None:
+        lab = (self.model, rec.cls)
+        self.requests.labels(*lab, "ok" if rec.ok else "failed").inc()
+        if rec.ok:
+            self.ttft.labels(*lab).observe(rec.ttft_s)
+            self.e2e.labels(*lab).observe(rec.e2e_s)
+            if rec.tpot_s is not None:
+                self.tpot.labels(*lab).observe(rec.tpot_s)
 
     def refresh(self, runner) -> None:
         """Copy the runner's live gauges (called before each scrape)."""

@@ -7,7 +7,8 @@ the default's type. 0 / "" mean "take it from slo.yaml" where noted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from contract.slo import DEFAULT_PATH, SLOConfig, SLOFileError, load_slo
 from loadtest._traffic import Mix, TrafficError
@@ -17,12 +18,15 @@ class OptionError(ValueError):
     """An invalid option; the message is one line."""
 
 
+SECRET_OPTIONS = ("api_key",)  # our own options whose values never reach a report or log
+
+
 def add_arguments(parser) -> None:
     """Register the custom arguments on Locust's parser (init_command_line_parser)."""
     g = parser  # Locust's parser (not a group) understands include_in_web_ui
     g.add_argument("--slo-file", default=str(DEFAULT_PATH), help="slo.yaml with the KPI targets")
     g.add_argument("--model", default="", help="model id to request (default: service.model of slo.yaml)")
-    g.add_argument("--api-key", default="", is_secret=True, env_var="OPENAI_API_KEY",
+    g.add_argument("--api-key", default="", is_secret=True,  # listed in SECRET_OPTIONS env_var="OPENAI_API_KEY",
                    help="sent as 'Authorization: Bearer KEY' when set (env OPENAI_API_KEY)")
     g.add_argument("--mix", default="text=5,image=3,audio=2", help="traffic class weights CLASS=W,... (text, image, audio)")
     g.add_argument("--thinking-share", type=float, default=0.3, help="share of long requests sent with enable_thinking")
@@ -44,7 +48,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--arrival-rate", type=float, default=0.0, help="open loop: requests/s over all users (0: closed loop)")
     g.add_argument("--arrival", choices=["poisson", "constant"], default="poisson", help="open-loop inter-arrival law")
     g.add_argument("--step-users", default="", help="step ramp: comma list of user counts, e.g. 1,2,4,8,16 ('' : fixed -u)")
-    g.add_argument("--step-duration", type=float, default=30.0, help="seconds per step of the ramp")
+    g.add_argument("--step-duration", default="30",
+                   help="seconds per step of the ramp: one number for every step, or one per step (e.g. 120,30)")
+    g.add_argument("--warmup-s", type=float, default=0.0,
+                   help="requests started in the first N seconds are not judged for latency (errors still count); 0: none")
     g.add_argument("--step-keep-going", action="store_true", default=False,
                    help="hold every step even after one broke an SLO (default: stop at the first failing step)")
     g.add_argument("--report-dir", default="", help="report folder (default reports/<UTC time>)")
@@ -64,6 +71,7 @@ class Settings:
     slo: SLOConfig
     mix: Mix
     steps: tuple[int, ...]
+    step_durations: tuple[float, ...]
 
 
 def settings(opts) -> Settings:
@@ -76,20 +84,69 @@ def settings(opts) -> Settings:
         mix = Mix.from_options(opts, bench.short_reply_max_tokens, slo.service.model)
     except TrafficError as exc:
         raise OptionError(str(exc)) from None
-    for name in ("request_timeout", "stall_timeout", "step_duration"):
+    for name in ("request_timeout", "stall_timeout"):
         if getattr(opts, name) <= 0:
             raise OptionError(f"--{name.replace('_', '-')} must be > 0")
+    if opts.warmup_s < 0:
+        raise OptionError("--warmup-s must be >= 0")
     if opts.arrival_rate < 0:
         raise OptionError("--arrival-rate must be >= 0")
     try:
         steps = tuple(int(s) for s in str(opts.step_users).split(",") if s.strip())
     except ValueError:
         raise OptionError(f"--step-users: expected comma-separated integers, got {opts.step_users!r}") from None
-    if any(s < 1 for s in steps) or list(steps) != sorted(steps):
-        raise OptionError("--step-users: user counts must be >= 1 and increasing")
+    if any(s < 1 for s in steps) or list(steps) != sorted(set(steps)):
+        raise OptionError("--step-users: user counts must be >= 1 and strictly increasing")
+    durations = _durations(str(opts.step_duration), len(steps))
     if opts.server_metrics_url and not str(opts.server_metrics_url).startswith(("http://", "https://")):
         raise OptionError("--server-metrics-url must be an http(s) URL")
-    return Settings(slo, mix, steps)
+    return Settings(slo, mix, steps, durations)
 
 
-__all__ = ["OptionError", "SLOFileError", "Settings", "add_arguments", "settings"]
+def _durations(text: str, steps: int) -> tuple[float, ...]:
+    """--step-duration: one value for every step, or exactly one per step; each > 0."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OptionError(f"--step-duration: expected seconds or a comma list of seconds, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise OptionError("--step-duration must be > 0")
+    if len(values) == 1:
+        return values * max(1, steps)
+    if len(values) != steps:
+        raise OptionError(f"--step-duration: {len(values)} durations for {steps} steps of --step-users")
+    return values
+
+
+LOCUST_SECRET_OPTIONS = ("web_login", "web_auth")  # Locust's own options that may carry credentials
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Values that must never reach a report, a log line or the console (options marked is_secret)."""
+
+    names: frozenset[str] = frozenset()
+    values: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def of(cls, opts) -> "Secrets":
+        names = frozenset(SECRET_OPTIONS) | frozenset(LOCUST_SECRET_OPTIONS)
+        values = tuple(str(v) for n in names if isinstance(v := getattr(opts, n, None), str) and len(v) >= 4)
+        return cls(names, values)
+
+    def redact_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The options for the report: JSON-able values, secret ones as '***' when set."""
+        out = {}
+        for key, value in options.items():
+            if value is None or isinstance(value, (str, int, float, bool, list)):
+                out[key] = "***" if key in self.names and value else value
+        return out
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every secret value replaced (belt and braces for free-form text)."""
+        for value in self.values:
+            text = text.replace(value, "***")
+        return text
+
+
+__all__ = ["OptionError", "SLOFileError", "Secrets", "Settings", "add_arguments", "settings"]

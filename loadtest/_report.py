@@ -1,4 +1,8 @@
-"""Write the report folder: summary.json, requests.jsonl/csv, report.html; print the KPI table."""
+"""Write the report folder: summary.json, requests.jsonl/csv, report.html; print the KPI table.
+
+Every file passes through ``Secrets.scrub`` on its way to disk, so a secret
+option's value cannot reach a report even through an error message.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from contract.record import RequestRecord  # noqa: E402
+from loadtest._options import Secrets  # noqa: E402
+
 CSV_SKIP = ("itl_s",)
 
 
@@ -27,34 +34,76 @@ def fmt(value: float | None, unit: str = "") -> str:
     return f"{value:.4g} {unit}".strip()
 
 
+def interval(k: dict, unit: str) -> str:
+    """'[low, high]' of the 95 % bounds; '?' where too few samples bound that side."""
+    if k.get("low") is None and k.get("high") is None:
+        return ""
+    side = lambda v: "?" if v is None else fmt(v, unit)  # noqa: E731
+    return f"[{side(k['low'])}, {side(k['high'])}]"
+
+
 def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
     """Rows (strings) shared by the console table, the web UI tab and the HTML report."""
+    return [
+        {
+            "kpi": name,
+            "title": k["title"],
+            "value": fmt(k["value"], k["unit"]),
+            "bounds": interval(k, k["unit"]),
+            "target": f"{k['op']} {fmt(k['target'], k['unit'])}",
+            "status": k["status"] or "NOT MEASURED",
+            "samples": "" if k["samples"] is None else str(k["samples"]),
+            "note": k["note"],
+        }
+        for name, k in kpis.items()
+    ]
+
+
+LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "error_rate")
+
+
+def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
+    """One row per level: accounting, throughput and each client KPI as 'value [bounds] n STATUS'."""
     rows = []
-    for name, k in kpis.items():
-        status = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}[k["pass"]]
-        rows.append(
-            {
-                "kpi": name,
-                "title": k["title"],
-                "value": fmt(k["value"], k["unit"]),
-                "target": f"{k['op']} {fmt(k['target'], k['unit'])}",
-                "status": status,
-                "samples": "" if k["samples"] is None else str(k["samples"]),
-                "note": k["note"],
-            }
-        )
+    for row in levels:
+        out = {"level": row["level"], "scope": row["scope"], "status": row["status"] or "NOT MEASURED",
+               "requests": row["requests"], "judged": row["judged_requests"], "drain": row["drain_requests"],
+               "failed": row["failed"], "achieved": fmt(row["achieved_concurrency"]),
+               "tokens/s": fmt(row["output_tokens_per_s"])}
+        for name in LEVEL_KPIS:
+            k, unit = row["kpis"][name], kpis[name]["unit"]
+            out[name] = f"{fmt(k['value'], unit)} {interval(k, unit)} n={k['samples']} {k['status'] or '-'}".replace("  ", " ")
+        rows.append(out)
     return rows
+
+
+def level_rows_live(levels: list[dict]) -> list[dict]:
+    """The level table folded into the SLO tab's columns."""
+    return [{"kpi": f"level {r['level']} ({r['scope']})", "value": r["status"] or "NOT MEASURED", "bounds": "",
+             "target": "", "status": r["status"] or "", "samples": str(r["judged_requests"]),
+             "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain"} for r in levels]
 
 
 def console_table(summary: dict) -> str:
     """The verdict as fixed-width text."""
     rows = kpi_rows(summary["kpis"])
-    head = f"{'KPI':<26} {'value':>14} {'target':>16} {'result':>13}  note"
+    head = f"{'KPI':<26} {'value':>14} {'95 % bounds':>24} {'target':>16} {'result':>13}  note"
     lines = ["", f"SLO verdict: {summary['verdict']}  (run {'VALID' if summary['validity']['valid'] else 'INVALID'})", head]
     lines.append("-" * len(head))
     for r in rows:
-        lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['target']:>16} {r['status']:>13}  {r['note']}")
-    lines.append(f"client KPIs judged on {summary['judged']}")
+        lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['bounds']:>24} {r['target']:>16} {r['status']:>13}  {r['note']}")
+    lines.append("")
+    lines.append("per level (value [95 % bounds] samples status):")
+    for r in level_rows(summary["levels"], summary["kpis"]):
+        kpis = "; ".join(f"{name} {r[name]}" for name in LEVEL_KPIS)
+        lines.append(f"  {r['level']:>4} streams {r['scope']:<8} {r['status']:<12} {r['requests']} sent, "
+                     f"{r['judged']} judged, achieved {r['achieved']}: {kpis}")
+    cold = summary["cold_start"]
+    lines.append(f"cold start: first {cold['requests']} requests, TTFT max {fmt(cold['ttft_max_s'], 's')}, "
+                 f"{cold['failed']} failed, {'judged' if cold['judged'] else 'not judged (warm-up)'}")
+    lines.append(f"accounting: {summary['accounting_line']}")
+    for note in summary["notes"]:
+        lines.append(f"note: {note}")
     for reason in summary["validity"]["reasons"]:
         lines.append(f"invalid: {reason}")
     for err, n in summary["errors"].items():
@@ -63,20 +112,20 @@ def console_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: Path, summary: dict, records: list[dict]) -> None:
-    """Write every file of the report folder (created if needed)."""
+def write_report(folder: Path, summary: dict, records: list[RequestRecord], secrets: Secrets) -> None:
+    """Write every file of the report folder (created if needed), secrets scrubbed."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    with open(folder / "requests.jsonl", "w") as out:
-        for rec in records:
-            out.write(json.dumps(rec) + "\n")
-    with open(folder / "requests.csv", "w", newline="") as out:
-        fields = [k for k in (records[0] if records else {}) if k not in CSV_SKIP] + ["itl_count", "itl_max_s"]
-        writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for rec in records:
-            writer.writerow({**rec, "itl_count": len(rec["itl_s"]), "itl_max_s": max(rec["itl_s"], default=None)})
-    (folder / "report.html").write_text(render_html(summary, records))
+    dicts = [r.as_dict() for r in records]
+    (folder / "summary.json").write_text(secrets.scrub(json.dumps(summary, indent=2, default=str)))
+    (folder / "requests.jsonl").write_text(secrets.scrub("".join(json.dumps(d) + "\n" for d in dicts)))
+    out = io.StringIO()
+    fields = [k for k in (dicts[0] if dicts else {}) if k not in CSV_SKIP] + ["itl_count", "itl_max_s"]
+    writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for d in dicts:
+        writer.writerow({**d, "itl_count": len(d["itl_s"]), "itl_max_s": max(d["itl_s"], default=None)})
+    (folder / "requests.csv").write_text(secrets.scrub(out.getvalue()))
+    (folder / "report.html").write_text(secrets.scrub(render_html(summary, records)))
 
 
 def _png(fig) -> str:
@@ -86,21 +135,21 @@ def _png(fig) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _plots(summary: dict, records: list[dict]) -> list[str]:
-    ok = [r for r in records if r["ok"]]
+def _plots(summary: dict, records: list[RequestRecord]) -> list[str]:
+    ok = [r for r in records if r.ok]
     kpis = summary["kpis"]
     ttft_target = kpis["ttft_p95"]["target"]
     tpot_target = 1.0 / kpis["decode_tokens_per_s_p10"]["target"]
-    t0 = min((r["start_wall"] for r in records), default=0.0)
-    classes = sorted({r["cls"] for r in ok})
+    t0 = min((r.start_wall for r in records), default=0.0)
+    classes = sorted({r.cls for r in ok})
     figs = []
     for field, target, label in (("ttft_s", ttft_target, "TTFT"), ("tpot_s", tpot_target, "TPOT")):
         fig, (hist, line) = plt.subplots(1, 2, figsize=(12, 3.5))
         for cls in classes:
-            vals = [r[field] * 1000 for r in ok if r["cls"] == cls and r[field] is not None]
-            if vals:
-                hist.hist(vals, bins=40, alpha=0.6, label=cls)
-                line.plot([r["start_wall"] - t0 for r in ok if r["cls"] == cls and r[field] is not None], vals, ".", label=cls)
+            mine = [r for r in ok if r.cls == cls and getattr(r, field) is not None]
+            if mine:
+                hist.hist([getattr(r, field) * 1000 for r in mine], bins=40, alpha=0.6, label=cls)
+                line.plot([r.start_wall - t0 for r in mine], [getattr(r, field) * 1000 for r in mine], ".", label=cls)
         hist.axvline(target * 1000, color="red", linestyle="--", label="target")
         line.axhline(target * 1000, color="red", linestyle="--", label="target")
         hist.set(title=f"{label} distribution", xlabel="ms", ylabel="requests")
@@ -129,7 +178,7 @@ def _table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def render_html(summary: dict, records: list[dict]) -> str:
+def render_html(summary: dict, records: list[RequestRecord]) -> str:
     metric_rows = []
     for metric, per_class in summary["metrics"].items():
         for cls, d in per_class.items():
@@ -138,11 +187,6 @@ def render_html(summary: dict, records: list[dict]) -> str:
                     {"metric": metric, "class": cls, "count": d["count"]}
                     | {k: f"{d[k]:.6g}" for k in ("mean", "p50", "p90", "p95", "p99")}
                 )
-    level_rows = [
-        {"level": r["level"], "requests": r["requests"], "judged (held)": r["held_requests"],
-         "achieved": fmt(r["achieved_concurrency"]), "passes": r["passes"]}
-        for r in summary["levels"]
-    ]
     validity = summary["validity"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>llmslo load test</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style>
@@ -150,8 +194,10 @@ def render_html(summary: dict, records: list[dict]) -> str:
 <p>Run {'valid' if validity['valid'] else 'INVALID: ' + html.escape('; '.join(validity['reasons']))}.
 Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests, {summary['requests']['failed']} failed.</p>
 <h2>KPIs</h2>{_table(kpi_rows(summary['kpis']))}
-<p>Client KPIs judged on {html.escape(summary['judged'])}.</p>
-<h2>Concurrency levels</h2>{_table(level_rows)}
+<p>Accounting: {html.escape(summary['accounting_line'])}.</p>
+<p>Cold start: first {summary['cold_start']['requests']} requests, TTFT max {fmt(summary['cold_start']['ttft_max_s'], 's')}.</p>
+<h2>Concurrency levels</h2><p>Each level judged on its own: value [95 % bounds] samples status.</p>
+{_table(level_rows(summary['levels'], summary['kpis']))}
 <h2>Plots</h2>{''.join(_plots(summary, records))}
 <h2>Metrics (exact percentiles)</h2>{_table(metric_rows)}
 <h2>Errors</h2>{_table([{'error': e, 'count': n} for e, n in summary['errors'].items()])}

@@ -1,10 +1,19 @@
-"""One run's state and the Locust event listeners that move records and judge them.
+"""One run's state (on Locust's ``Environment``) and the event listeners that move and judge records.
 
-Data flow: each user process (local runner or worker) appends finished
-request records; workers ship them to the master with every stats report
-(``report_to_master``) and once more at stop (custom message, sent before
-Locust's ``client_stopped`` so the master has every sample when its
-``test_stop`` fires). The master alone computes the verdict.
+Data flow: each user process (local runner or worker) stamps every request
+with the load it started under (level, epoch, phase), records it when it ends
+however it ends, and ships records to the master with every stats report and
+once more at stop (sent before Locust's ``client_stopped``, so the master has
+every record when its ``test_stop`` fires). The master alone decides levels
+and computes the verdict.
+
+Levels (docs/loadtest.md#levels): the load shape opens a level (``ramp``),
+spawning completes (``steady``), the level's time runs out (``drain``: load
+stays at the level, new requests are not judged at it, and the shape waits
+until every request that started before the drain has finished), then the
+next level opens. Each user process reports when its pre-drain requests are
+done; at the end of the run, Locust's ``--stop-timeout`` (default: the
+request timeout) lets in-flight requests finish and be recorded.
 """
 
 from __future__ import annotations
@@ -13,37 +22,55 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import gevent
+from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from contract.record import Phase, RequestRecord
 from loadtest import _report, _selfcheck, _verdict
 from loadtest._live import ClientMetrics, install_web_ui
-from loadtest._options import OptionError, Settings, SLOFileError, add_arguments, settings
+from loadtest._options import OptionError, Secrets, Settings, SLOFileError, add_arguments, settings
 from loadtest._server_metrics import ServerWatch
 
 log = logging.getLogger("llmslo.loadtest")
 MSG_RECORDS = "llmslo_records"
 MSG_LEVEL = "llmslo_level"
+MSG_DRAINED = "llmslo_drained"
 POLL_S = 2.0
 FINAL_WAIT_S = 10.0
 
 
 @dataclass
-class Run:
-    """Everything one process knows about the current run."""
+class LoadState:
+    """The load right now, as the master decided it (sent to every worker on each change)."""
 
-    settings: Settings | None = None
-    records: list[dict] = field(default_factory=list)
-    pending: list[dict] = field(default_factory=list)
     level: int = 0
-    level_epoch: int = 0  # +1 at every level change: a request that sees it change did not run at one load
-    target_users: int = 0
+    epoch: int = 0  # +1 each time a level opens
+    phase: Phase = "ramp"
+    warmup: bool = False
+    send_key: bool = True  # the API key goes only to the host the run was configured with
+
+
+@dataclass
+class Run:
+    """Everything one process knows about the current run; lives at ``environment.llmslo``."""
+
+    environment: Environment
+    settings: Settings | None = None
+    secrets: Secrets = field(default_factory=Secrets)
+    configured_host: str | None = None
+    load: LoadState = field(default_factory=LoadState)
+    epoch_began: dict[int, float] = field(default_factory=dict)  # epoch -> perf_counter in this process
+    open_requests: Counter = field(default_factory=Counter)  # epoch -> pre-drain requests in flight here
+    records: list[RequestRecord] = field(default_factory=list)
+    pending: list[dict] = field(default_factory=list)
     windows: dict[int, float] = field(default_factory=dict)
     level_since: float | None = None
+    drained: set[str] = field(default_factory=set)  # workers whose pre-drain requests of this epoch ended
     selfcheck: _selfcheck.SelfCheck = field(default_factory=_selfcheck.SelfCheck)
     worker_samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     server: ServerWatch | None = None
@@ -54,22 +81,62 @@ class Run:
     exit_code: int | None = None
     last_summary: dict | None = None
     poller: gevent.Greenlet | None = None
-    is_worker: bool = False
     worker_id: str = "local"
     senders: set[str] = field(default_factory=set)
     finals: set[str] = field(default_factory=set)
     received: dict[str, int] = field(default_factory=dict)  # worker -> request records received from it
     finisher: gevent.Greenlet | None = None
+    notes: list[str] = field(default_factory=list)
 
-    # --- samples -----------------------------------------------------------
-    def add(self, rec: dict) -> None:
+    @property
+    def is_worker(self) -> bool:
+        return isinstance(self.environment.runner, WorkerRunner)
+
+    @property
+    def is_master(self) -> bool:
+        return isinstance(self.environment.runner, MasterRunner)
+
+    # --- requests (user processes) ------------------------------------------------
+    def begin(self, rec: RequestRecord) -> None:
+        """Stamp the load the request starts under; count it while it may still be judged."""
+        rec.level, rec.epoch, rec.phase, rec.warmup = self.load.level, self.load.epoch, self.load.phase, self.load.warmup
+        rec.worker = self.worker_id
+        if rec.phase != "drain":
+            self.open_requests[rec.epoch] += 1
+
+    def end(self, rec: RequestRecord) -> None:
+        """The request ended (any way): note where its level ended, record it, report a finished drain."""
+        if rec.epoch != self.load.epoch and rec.epoch + 1 in self.epoch_began:
+            rec.level_end_s = max(0.0, self.epoch_began[rec.epoch + 1] - rec.start_mono)
+        if rec.phase != "drain":
+            self.open_requests[rec.epoch] -= 1
+        self.add(rec)
+        self._report_drained()
+
+    def add(self, rec: RequestRecord) -> None:
         if self.is_worker:
-            self.pending.append(rec)
+            self.pending.append(rec.as_dict())
             return
         self.records.append(rec)
         if self.metrics:
             self.metrics.observe(rec)
 
+    def apply_load(self, state: LoadState) -> None:
+        """Adopt the master's load state (every process, the master included)."""
+        if state.epoch != self.load.epoch:
+            self.epoch_began[state.epoch] = time.perf_counter()
+        self.load = state
+        self._report_drained()
+
+    def pre_drain_open(self) -> int:
+        return self.open_requests[self.load.epoch]
+
+    def _report_drained(self) -> None:
+        """Workers: tell the master once no request of the draining level is in flight here."""
+        if self.is_worker and self.load.phase == "drain" and self.pre_drain_open() <= 0:
+            self.environment.runner.send_message(MSG_DRAINED, {"worker": self.worker_id, "epoch": self.load.epoch})
+
+    # --- records in transit (workers -> master) ------------------------------------
     def ship(self, final: bool = False) -> dict:
         """Payload for the master: pending records and self-check samples since last time."""
         out = {"worker": self.worker_id, "records": self.pending, "selfcheck": self.selfcheck.drain(), "final": final}
@@ -81,248 +148,265 @@ class Run:
         self.received[payload["worker"]] = self.received.get(payload["worker"], 0) + len(payload["records"])
         if payload["final"]:
             self.finals.add(payload["worker"])
-        for rec in payload["records"]:
-            self.add(rec)
+        for data in payload["records"]:
+            self.add(RequestRecord.from_dict(data))
         mine = self.worker_samples.setdefault(payload["worker"], {"loop_lag_s": [], "cpu_percent": [], "cpu_seconds": []})
         for key, values in payload["selfcheck"].items():
             mine[key].extend(values)
 
-    # --- concurrency levels ------------------------------------------------
-    def set_level(self, level: int) -> None:
-        """Close the window of the current level and open ``level`` (0 = ramping, not judged)."""
+    # --- levels (master / local runner) ---------------------------------------------
+    def set_load(self, **changes) -> None:
+        """Change the load state and tell every user process."""
+        state = LoadState(**{**asdict(self.load), **changes})
+        if state.level != self.load.level or state.epoch != self.load.epoch:
+            self._close_window()
+        self.apply_load(state)
+        if state.phase == "drain":
+            self.drained = set()
+        if self.is_master:
+            self.environment.runner.send_message(MSG_LEVEL, asdict(state))
+
+    def open_level(self, users: int) -> None:
+        """A new level starts ramping to ``users``."""
+        self.set_load(level=users, epoch=self.load.epoch + 1, phase="ramp")
+
+    def _close_window(self) -> None:
         now = time.perf_counter()
-        if self.level and self.level_since is not None:
-            self.windows[self.level] = self.windows.get(self.level, 0.0) + now - self.level_since
-        self.enter_level(level)
+        if self.load.level and self.level_since is not None:
+            self.windows[self.load.level] = self.windows.get(self.load.level, 0.0) + now - self.level_since
         self.level_since = now
 
-    def enter_level(self, level: int) -> None:
-        """The level every request started from now on belongs to (workers: as the master says)."""
-        if level != self.level:
-            self.level, self.level_epoch = level, self.level_epoch + 1
+    def is_drained(self) -> bool:
+        """Every request that started before the drain has ended (in every user process)."""
+        if self.is_master:
+            runner = self.environment.runner
+            active = {c.id for c in runner.clients.all if c.state not in ("missing", "stopped")}
+            return active <= self.drained
+        return self.pre_drain_open() <= 0
 
-    # --- verdict -----------------------------------------------------------
-    def summary(self, environment, final: bool) -> dict:
-        """The whole summary.json content from the samples gathered so far."""
+    # --- verdict -----------------------------------------------------------------------
+    def summary(self, final: bool) -> dict:
+        """The whole summary.json content from the records gathered so far."""
         assert self.settings is not None
-        slo = self.settings.slo
-        opts = environment.parsed_options
+        slo, opts = self.settings.slo, self.environment.parsed_options
         if not final:  # live view: include the level in progress
-            self.set_level(self.level)
+            self._close_window()
         end = self.t_stop if self.t_stop is not None else time.perf_counter()
-        duration = end - self.t_start
         records = list(self.records)
+        _verdict.assign(records, slo)
         levels = _verdict.level_table(records, slo, self.windows)
         facts = self.server.facts() if self.server else _verdict.ServerFacts()
-        kpis = _verdict.verdict(records, slo, levels, facts, duration)
+        kpis = _verdict.verdict(records, slo, levels, facts, end - self.t_start)
+        acc = _verdict.accounting(records)
+        first_users = self.settings.steps[0] if self.settings.steps else int(opts.num_users or 1)
+        return {
+            "verdict": _verdict.overall(kpis),
+            "validity": self._validity(records, final),
+            "kpis": kpis,
+            "accounting": acc,
+            "accounting_line": _verdict.accounting_line(acc, opts.warmup_s),
+            "levels": levels,
+            "cold_start": _verdict.cold_start(records, first_users),
+            "metrics": _verdict.metric_table(records) if final else {},  # the live view skips the heavy part
+            "requests": {
+                "total": len(records),
+                "failed": acc["failed"],
+                "usage_vs_delta_discrepancies": sum(1 for r in records if r.ok and r.token_discrepancy),
+                "tokens_from_deltas": sum(1 for r in records if r.ok and r.tokens_source == "deltas"),
+            },
+            "errors": dict(Counter(r.error for r in records if not r.ok).most_common()),
+            "notes": list(self.notes),
+            "server_metrics": {"url": opts.server_metrics_url or None, "note": facts.note,
+                               "scrapes": self.server.scrapes if self.server else 0},
+            "duration_s": end - self.t_start,
+            "started_at": datetime.fromtimestamp(self.wall_start, timezone.utc).isoformat(),
+            "report_dir": str(self.report_dir()),
+            "config": {
+                "host": self.environment.host,
+                "runner": type(self.environment.runner).__name__,
+                "workers": sorted(self.worker_samples or {self.worker_id: None}),
+                "warmup_s": opts.warmup_s,
+                "options": self.secrets.redact_options(vars(opts)),
+            },
+        }
+
+    def _validity(self, records: list[RequestRecord], final: bool) -> dict:
+        opts = self.environment.parsed_options
         samples = self.worker_samples if self.worker_samples else {self.worker_id: self.selfcheck.snapshot()}
         validity = _selfcheck.validity(
-            samples,
-            [r["schedule_lag_s"] for r in records if r["schedule_lag_s"] is not None],
-            opts.max_worker_cpu,
-            opts.max_loop_lag_ms / 1000,
-            opts.max_schedule_lag_ms / 1000,
+            samples, [r.schedule_lag_s for r in records if r.schedule_lag_s is not None],
+            opts.max_worker_cpu, opts.max_loop_lag_ms / 1000, opts.max_schedule_lag_ms / 1000,
         )
         missing = sorted(self.senders - self.finals) if final else []
         if missing:
             validity["valid"] = False
             lost = ", ".join(f"{w} ({self.received.get(w, 0)} request records received before)" for w in missing)
-            validity["reasons"].append(f"final samples of worker(s) {lost} never arrived")
+            validity["reasons"].append(f"final records of worker(s) {lost} never arrived")
             validity["lost_workers"] = {w: self.received.get(w, 0) for w in missing}
-        failed = [r for r in records if not r["ok"]]
-        discrepant = [r for r in records if r["ok"] and r["token_discrepancy"]]
-        return {
-            "verdict": _verdict.overall(kpis),
-            "validity": validity,
-            "kpis": kpis,
-            "judged": _verdict.judged_records(records, slo)[1],
-            "levels": levels,
-            "metrics": _verdict.metric_table(records) if final else {},  # the live view skips the heavy part
-            "requests": {
-                "total": len(records),
-                "failed": len(failed),
-                "usage_vs_delta_discrepancies": len(discrepant),
-                "tokens_from_deltas": sum(1 for r in records if r["ok"] and r["tokens_source"] == "deltas"),
-            },
-            "errors": dict(Counter(r["error"] for r in failed).most_common()),
-            "server_metrics": {"url": opts.server_metrics_url or None, "note": facts.note, "scrapes": self.server.scrapes if self.server else 0},
-            "duration_s": duration,
-            "started_at": datetime.fromtimestamp(self.wall_start, timezone.utc).isoformat(),
-            "report_dir": str(self.report_dir(opts)),
-            "config": {
-                "host": environment.host,
-                "runner": type(environment.runner).__name__,
-                "workers": sorted(samples),
-                "options": {k: v for k, v in vars(opts).items() if _jsonable(v)},
-            },
-        }
+        return validity
 
-    def report_dir(self, opts) -> Path:
+    def report_dir(self) -> Path:
+        opts = self.environment.parsed_options
         if opts.report_dir:
             return Path(opts.report_dir)
         stamp = datetime.fromtimestamp(self.wall_start, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return Path("reports") / stamp
 
 
-def _jsonable(value) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool, list))
+def run_of(environment: Environment) -> Run:
+    """The run state of this Locust environment (created by the init listener)."""
+    return environment.llmslo
 
 
-RUN = Run()
-
-
-# --- listeners ---------------------------------------------------------------
+# --- listeners -----------------------------------------------------------------------
 def on_parser(parser, **_kw) -> None:
     add_arguments(parser)
 
 
 def on_init(environment, **_kw) -> None:
     """Validate options before any load; wire messages, the live view and metrics."""
+    run = environment.llmslo = Run(environment, secrets=Secrets.of(environment.parsed_options))
     runner = environment.runner
-    RUN.is_worker = isinstance(runner, WorkerRunner)
-    if RUN.is_worker:
-        RUN.worker_id = runner.client_id
-        runner.register_message(MSG_LEVEL, lambda msg, **kw: _apply_level(msg.data))
+    runner.register_message(MSG_LEVEL, lambda msg, **kw: run.apply_load(LoadState(**msg.data)))
+    if run.is_worker:
+        run.worker_id = runner.client_id
+        environment.events.report_to_master.add_listener(lambda client_id, data, **kw: data.update({MSG_RECORDS: run.ship()}))
         return
     try:
-        RUN.settings = settings(environment.parsed_options)
+        run.settings = settings(environment.parsed_options)
     except (OptionError, SLOFileError) as exc:
         sys.stderr.write(f"llmslo loadtest: error: {exc}\n")
         sys.exit(2)
-    RUN.metrics = ClientMetrics(RUN.settings.slo)
-    environment.events.spawning_complete.add_listener(lambda user_count, **kw: on_spawning_complete(environment, user_count))
-    if isinstance(runner, MasterRunner):
-        runner.register_message(MSG_RECORDS, lambda msg, **kw: RUN.receive(msg.data))
-    else:
-        runner.register_message(MSG_LEVEL, lambda msg, **kw: _apply_level(msg.data))
-    install_web_ui(environment, RUN.metrics, lambda: _live_rows(environment))
-    if environment.parsed_options.client_metrics_port:
-        RUN.metrics.serve(environment.parsed_options.client_metrics_port)
+    opts = environment.parsed_options
+    run.configured_host = environment.host
+    if not opts.stop_timeout:  # let in-flight requests finish and be recorded when the run stops
+        environment.stop_timeout = opts.request_timeout + 5
+    run.metrics = ClientMetrics(run.settings.slo)
+    environment.events.spawning_complete.add_listener(lambda user_count, **kw: _steady(run))
+    if run.is_master:
+        runner.register_message(MSG_RECORDS, lambda msg, **kw: run.receive(msg.data))
+        runner.register_message(MSG_DRAINED, lambda msg, **kw: _drained(run, msg.data))
+        environment.events.worker_report.add_listener(
+            lambda client_id, data, **kw: run.receive(data[MSG_RECORDS]) if MSG_RECORDS in data else None)
+    install_web_ui(environment, run.metrics, lambda: _live_rows(run))
+    if opts.client_metrics_port:
+        run.metrics.serve(opts.client_metrics_port)
 
 
-def _apply_level(data: dict) -> None:
-    RUN.enter_level(data["level"])
-    RUN.target_users = data["users"]
+def _steady(run: Run) -> None:
+    if run.settings is not None and run.load.phase == "ramp":
+        run.set_load(phase="steady")
 
 
-def broadcast_level(environment, level: int, users: int) -> None:
-    """Master/local: tell every user process the level (0 while ramping) and the target user count."""
-    if not RUN.is_worker:
-        RUN.set_level(level)
-    environment.runner.send_message(MSG_LEVEL, {"level": level, "users": users})
+def _drained(run: Run, data: dict) -> None:
+    if data["epoch"] == run.load.epoch:
+        run.drained.add(data["worker"])
 
 
 def on_test_start(environment, **_kw) -> None:
-    runner = environment.runner
-    if not isinstance(runner, MasterRunner):  # only processes that run users check themselves
-        RUN.selfcheck.start()
-        RUN.selfcheck.reset()
-    if RUN.is_worker:
-        RUN.pending = []
-        try:  # the master validated these same options already
-            RUN.settings = settings(environment.parsed_options)
-        except (OptionError, SLOFileError) as exc:
-            log.error("llmslo loadtest: error: %s", exc)
+    run = run_of(environment)
+    if not run.is_master:  # only processes that run users check themselves
+        run.selfcheck.start()
+        run.selfcheck.reset()
+    if run.is_worker:
+        run.pending, run.open_requests = [], Counter()
         return
     try:  # options may have been edited in the web UI's start form
-        RUN.settings = settings(environment.parsed_options)
+        run.settings = settings(environment.parsed_options)
     except (OptionError, SLOFileError) as exc:
         log.error("llmslo loadtest: error: %s", exc)
-        gevent.spawn(runner.stop)
+        gevent.spawn(environment.runner.stop)
         return
     opts = environment.parsed_options
-    RUN.records, RUN.windows, RUN.worker_samples = [], {}, {}
-    RUN.senders, RUN.finals, RUN.received = set(), set(), {}
-    RUN.level, RUN.level_epoch, RUN.level_since, RUN.t_stop = 0, 0, None, None
-    RUN.t_start, RUN.wall_start = time.perf_counter(), time.time()
-    RUN.server = ServerWatch(opts.server_metrics_url or None, RUN.settings.slo.service.gpus_per_replica)
-    RUN.server.poll()
-    RUN.poller = gevent.spawn(_poll, environment)
+    run.records, run.windows, run.worker_samples, run.notes = [], {}, {}, []
+    run.senders, run.finals, run.received, run.open_requests = set(), set(), {}, Counter()
+    run.t_stop, run.last_summary = None, None  # the shape opened the first level just before this event
+    run.t_start, run.wall_start = time.perf_counter(), time.time()
+    send_key = environment.host == run.configured_host or not opts.api_key
+    if not send_key:
+        run.notes.append(f"API key withheld: the host was changed from {run.configured_host} to {environment.host}")
+        log.warning("llmslo loadtest: %s", run.notes[-1])
+    run.set_load(warmup=opts.warmup_s > 0, send_key=send_key)
+    if opts.warmup_s > 0:
+        gevent.spawn_later(opts.warmup_s, run.set_load, warmup=False)
+    run.server = ServerWatch(opts.server_metrics_url or None, run.settings.slo.service.gpus_per_replica)
+    run.server.poll()
+    run.poller = gevent.spawn(_poll, run)
 
 
-def _poll(environment) -> None:
+def _poll(run: Run) -> None:
     while True:
         gevent.sleep(POLL_S)
-        RUN.server.poll()
-        RUN.metrics.refresh(environment.runner)
-
-
-def on_spawning_complete(environment, user_count: int) -> None:
-    if RUN.settings is not None:
-        broadcast_level(environment, user_count, user_count)
-
-
-def on_report_to_master(client_id, data: dict, **_kw) -> None:
-    data[MSG_RECORDS] = RUN.ship()
-
-
-def on_worker_report(client_id, data: dict, **_kw) -> None:
-    if MSG_RECORDS in data:
-        RUN.receive(data[MSG_RECORDS])
+        run.server.poll()
+        run.metrics.refresh(run.environment.runner)
 
 
 def on_test_stop(environment, **_kw) -> None:
-    if RUN.is_worker:
-        environment.runner.send_message(MSG_RECORDS, RUN.ship(final=True))
+    run = run_of(environment)
+    if run.is_worker:
+        environment.runner.send_message(MSG_RECORDS, run.ship(final=True))
         return
-    if RUN.settings is None or RUN.t_stop is not None:
+    if run.settings is None or run.t_stop is not None:
         return
-    if RUN.poller is not None:
-        RUN.poller.kill(block=False)
-    RUN.server.poll()
-    RUN.set_level(0)
-    RUN.t_stop = time.perf_counter()
-    if isinstance(environment.runner, MasterRunner):
+    if run.poller is not None:
+        run.poller.kill(block=False)
+    run.server.poll()
+    run._close_window()
+    run.t_stop = time.perf_counter()
+    if run.is_master:
         # On a headless quit the master fires test_stop before telling workers to
         # stop; their final batches arrive afterwards, so judge once they are in.
-        expected = RUN.senders | {c.id for c in environment.runner.clients.all}
-        RUN.finisher = gevent.spawn(_finish_when_complete, environment, expected)
+        expected = run.senders | {c.id for c in environment.runner.clients.all}
+        run.finisher = gevent.spawn(_finish_when_complete, run, expected, environment.stop_timeout + FINAL_WAIT_S)
     else:
-        finish(environment)
+        finish(run)
 
 
-def _finish_when_complete(environment, expected: set[str], wait_s: float = FINAL_WAIT_S) -> None:
+def _finish_when_complete(run: Run, expected: set[str], wait_s: float) -> None:
     deadline = time.perf_counter() + wait_s
-    while not expected <= RUN.finals and time.perf_counter() < deadline:
+    while not expected <= run.finals and time.perf_counter() < deadline:
         gevent.sleep(0.05)
-    RUN.senders |= expected
-    finish(environment)
+    run.senders |= expected
+    finish(run)
 
 
-def finish(environment) -> dict:
+def finish(run: Run) -> dict:
     """Compute the final summary, write the report folder, print the table, set the exit code."""
-    summary = RUN.summary(environment, final=True)
-    RUN.last_summary = summary
-    folder = Path(summary["report_dir"])
-    _report.write_report(folder, summary, RUN.records)
-    print(_report.console_table(summary), flush=True)
-    RUN.exit_code = exit_code(summary)
+    summary = run.summary(final=True)
+    run.last_summary = summary
+    _report.write_report(Path(summary["report_dir"]), summary, run.records, run.secrets)
+    print(run.secrets.scrub(_report.console_table(summary)), flush=True)
+    run.exit_code = exit_code(summary)
     return summary
 
 
 def exit_code(summary: dict) -> int:
-    """1: an SLO failed; 3: no SLO failed but the generator saturated (run invalid); 0: pass."""
+    """1: an SLO failed; 3: the generator saturated (run invalid); 4: inconclusive; 0: pass."""
     if summary["verdict"] == "FAIL":
         return 1
-    return 0 if summary["validity"]["valid"] else 3
+    if not summary["validity"]["valid"]:
+        return 3
+    return 4 if summary["verdict"] == "INCONCLUSIVE" else 0
 
 
 def on_quitting(environment, **_kw) -> None:
-    if RUN.is_worker or RUN.settings is None:
+    run = run_of(environment)
+    if run.is_worker or run.settings is None:
         return
-    if RUN.finisher is not None:
-        RUN.finisher.join(timeout=FINAL_WAIT_S + 30)
-    if RUN.exit_code is not None:
-        environment.process_exit_code = RUN.exit_code
+    if run.finisher is not None:
+        run.finisher.join(timeout=environment.stop_timeout + FINAL_WAIT_S + 30)
+    if run.exit_code is not None:
+        environment.process_exit_code = run.exit_code
 
 
-def _live_rows(environment) -> list[dict]:
-    if RUN.settings is None or not RUN.t_start:
+def _live_rows(run: Run) -> list[dict]:
+    if run.settings is None or not run.t_start:
         return []
-    summary = RUN.last_summary if RUN.t_stop is not None and RUN.last_summary else RUN.summary(environment, final=False)
+    summary = run.last_summary if run.t_stop is not None and run.last_summary else run.summary(final=False)
     rows = _report.kpi_rows(summary["kpis"])
     rows.append({"kpi": "verdict", "value": summary["verdict"], "target": "", "status": "VALID" if summary["validity"]["valid"] else "INVALID",
-                 "samples": str(summary["requests"]["total"]), "note": "; ".join(summary["validity"]["reasons"])})
+                 "samples": str(summary["requests"]["total"]), "note": summary["accounting_line"]})
+    rows.extend(_report.level_rows_live(summary["levels"]))
     return rows
 
 
@@ -331,7 +415,5 @@ def register(events) -> None:
     events.init_command_line_parser.add_listener(on_parser)
     events.init.add_listener(on_init)
     events.test_start.add_listener(on_test_start)
-    events.report_to_master.add_listener(on_report_to_master)
-    events.worker_report.add_listener(on_worker_report)
     events.test_stop.add_listener(on_test_stop)
     events.quitting.add_listener(on_quitting)

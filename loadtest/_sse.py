@@ -14,53 +14,16 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
+
+from contract.record import RequestRecord
 
 Clock = Callable[[], float]
 
 
 class StreamError(Exception):
     """The stream broke; the message says how, in words for the report."""
-
-
-@dataclass
-class StreamRecord:
-    """Everything measured about one request (all times in seconds)."""
-
-    id: str
-    cls: str
-    thinking: bool
-    short: bool
-    max_tokens: int
-    start_wall: float = 0.0
-    start_mono: float = 0.0
-    level: int = 0
-    held: bool = False  # the load stayed at ``level`` from the request's start to its end
-    worker: str = ""
-    schedule_lag_s: float | None = None
-    ok: bool = False
-    error: str | None = None
-    status: int = 0
-    ttft_s: float | None = None
-    ttfo_s: float | None = None
-    e2e_s: float | None = None
-    tpot_s: float | None = None
-    decode_tokens_per_s: float | None = None
-    output_tokens_per_s: float | None = None
-    itl_s: list[float] = field(default_factory=list)
-    output_tokens: int | None = None
-    reasoning_tokens: int | None = None
-    prompt_tokens: int | None = None
-    tokens_source: str = "usage"
-    content_deltas: int = 0
-    reasoning_deltas: int = 0
-    token_discrepancy: int | None = None
-    request_bytes: int = 0
-    response_bytes: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -101,7 +64,7 @@ def _error_text(obj: dict) -> str:
     return str(err)
 
 
-def read_stream(record: StreamRecord, readline: Callable[[], bytes], t0: float, clock: Clock = time.perf_counter) -> None:
+def read_stream(record: RequestRecord, readline: Callable[[], bytes], t0: float, clock: Clock = time.perf_counter) -> None:
     """Consume the stream into ``record``; raise StreamError when it breaks.
 
     ``t0`` is the clock reading just before the request was sent.
@@ -138,7 +101,7 @@ def read_stream(record: StreamRecord, readline: Callable[[], bytes], t0: float, 
     _summarise(record, events, usage, t0)
 
 
-def _summarise(record: StreamRecord, events: list[_Event], usage: dict | None, t0: float) -> None:
+def _summarise(record: RequestRecord, events: list[_Event], usage: dict | None, t0: float) -> None:
     """Derive TTFT, TTFO, gaps, tokens and speeds from the stamped events."""
     record.content_deltas = sum(1 for e in events if e.content)
     record.reasoning_deltas = sum(1 for e in events if e.reasoning)

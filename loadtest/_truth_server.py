@@ -9,7 +9,9 @@ CLOCK_MONOTONIC is system-wide on Linux, so the two processes share a clock.
 
 ``--mode`` makes it misbehave on purpose: http500, http400, midstream (an
 error event after a few tokens), malformed (a non-JSON data line), stall
-(stop writing), nodone (close without [DONE]).
+(stop writing), nodone (close without [DONE]); ``--max-streams N`` answers 503
+to a request that would be the (N+1)-th concurrent stream (a server that fails
+only under load). Every chat request is logged, rejected ones with their status.
 
 Run: ``python -m loadtest._truth_server --port 8123 --ttft 0.1 --itl 0.02``.
 """
@@ -74,6 +76,11 @@ class TruthServer:
 
     async def _stream(self, writer, req: dict, entry: dict, rid: str) -> bool:
         a = self.args
+        self.log[rid] = entry
+        if a.max_streams and self.active >= a.max_streams:
+            entry["status"] = 503
+            await self._send(writer, 503, "application/json", _error("overloaded (truth server --max-streams)", "server_error"))
+            return True
         if a.mode == "http500":
             await self._send(writer, 500, "application/json", _error("engine exploded (truth server http500 mode)", "server_error"))
             return True
@@ -89,7 +96,6 @@ class TruthServer:
     async def _tokens(self, writer, req: dict, entry: dict, rid: str, ttft: float) -> bool:
         a = self.args
         tokens = entry["tokens"] = int(req.get("max_tokens") or a.tokens)
-        self.log[rid] = entry
         recv = entry["recv"]
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
         chunk = lambda obj: _chunked(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
@@ -151,6 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--usage-offset", type=int, default=0, help="misreport usage.completion_tokens by this much")
     p.add_argument("--reasoning", type=int, default=0, help="first N tokens are reasoning_content")
     p.add_argument("--mode", choices=MODES, default="ok")
+    p.add_argument("--max-streams", type=int, default=0, help="answer 503 beyond this many concurrent streams (0: no limit)")
     p.add_argument("--cpu", type=int, default=-1, help="pin the server to this CPU core")
     return p.parse_args(argv)
 

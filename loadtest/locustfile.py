@@ -15,18 +15,20 @@ import time
 import uuid
 
 import gevent
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, events, task
 
+from contract.record import RequestRecord
 from loadtest import _run
-from loadtest._run import RUN
+from loadtest._run import run_of
 from loadtest._shape import SLOShape
-from loadtest._sse import StreamError, StreamRecord, read_stream
+from loadtest._sse import StreamError, read_stream
 from loadtest._traffic import plan_request
 
 _run.register(events)
 _user_numbers = itertools.count()
 PATH = "/v1/chat/completions"
 SLO_EVENTS = (("TTFT", "ttft_s"), ("TTFO", "ttfo_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s"))
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 5.0  # after consecutive failures: 0.1, 0.2, 0.4 ... 5 s
 
 
 class RequestTimeout(TimeoutError):
@@ -41,18 +43,27 @@ def _apply_timeouts(environment, **_kw) -> None:
 
 
 class ChatUser(FastHttpUser):
-    """One simulated client: sends a streaming chat request, reads it to the end, repeats."""
+    """One simulated client: sends a streaming chat request, reads it to the end, repeats.
 
-    wait_time = constant(0)
+    After a failed request it backs off (doubling, at most 5 s) so a broken
+    server is probed, not flooded; a success resets the backoff.
+    """
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
-        self.rng = random.Random(f"{opts.seed}-{RUN.worker_id}-{next(_user_numbers)}")
+        self.run = run_of(self.environment)
+        self.rng = random.Random(f"{opts.seed}-{self.run.worker_id}-{next(_user_numbers)}")
         self.next_at: float | None = None
         self.next_plan: gevent.Greenlet | None = None
+        self.failures_in_a_row = 0
+
+    def wait_time(self) -> float:
+        if not self.failures_in_a_row:
+            return 0.0
+        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures_in_a_row - 1))
 
     def _plan_ahead(self) -> gevent.Greenlet:
-        return gevent.spawn(plan_request, RUN.settings.mix, self.rng, gevent.get_hub().threadpool)
+        return gevent.spawn(plan_request, self.run.settings.mix, self.rng, gevent.get_hub().threadpool)
 
     @task
     def chat(self) -> None:
@@ -60,22 +71,28 @@ class ChatUser(FastHttpUser):
         # multimodal user is not idle between requests
         planned = (self.next_plan or self._plan_ahead()).get()
         self.next_plan = self._plan_ahead()
-        rec = StreamRecord(
+        rec = RequestRecord(
             id=uuid.uuid4().hex, cls=planned.cls, thinking=planned.thinking, short=planned.short,
-            max_tokens=planned.max_tokens, worker=RUN.worker_id, request_bytes=len(planned.body),
+            max_tokens=planned.max_tokens, request_bytes=len(planned.body),
         )
         rec.schedule_lag_s = self._wait_for_slot()
-        rec.level, epoch = RUN.level, RUN.level_epoch
-        self._send(rec, planned.body)
-        rec.held = rec.level > 0 and RUN.level_epoch == epoch
-        RUN.add(rec.as_dict())
+        self.run.begin(rec)
+        try:
+            self._send(rec, planned.body)
+        except gevent.GreenletExit:  # the run stopped and --stop-timeout ran out: still recorded
+            rec.error = rec.error or "cancelled by the load generator at stop (--stop-timeout ran out)"
+            raise
+        finally:
+            rec.duration_s = time.perf_counter() - rec.start_mono
+            self.run.end(rec)
+            self.failures_in_a_row = 0 if rec.ok else self.failures_in_a_row + 1
 
     def _wait_for_slot(self) -> float | None:
         """Open loop: sleep until this user's next scheduled arrival; return how late we are."""
         rate = self.environment.parsed_options.arrival_rate
         if not rate:
             return None
-        per_user = rate / max(1, RUN.target_users or self.environment.runner.user_count)
+        per_user = rate / max(1, self.run.load.level or self.environment.runner.user_count)
         law = self.environment.parsed_options.arrival
         gap = self.rng.expovariate(per_user) if law == "poisson" else 1.0 / per_user
         now = time.perf_counter()
@@ -87,11 +104,11 @@ class ChatUser(FastHttpUser):
             gevent.sleep(self.next_at - now)
         return max(0.0, time.perf_counter() - self.next_at)
 
-    def _send(self, rec: StreamRecord, body: bytes) -> None:
+    def _send(self, rec: RequestRecord, body: bytes) -> None:
         opts = self.environment.parsed_options
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
                    "Accept-Encoding": "identity", "X-Request-Id": rec.id}
-        if opts.api_key:
+        if opts.api_key and self.run.load.send_key:
             headers["Authorization"] = f"Bearer {opts.api_key}"
         rec.start_wall = time.time()
         t0 = rec.start_mono = time.perf_counter()
@@ -114,7 +131,7 @@ class ChatUser(FastHttpUser):
             self._fire_slo_events(rec)
 
     @staticmethod
-    def _read(resp, rec: StreamRecord, t0: float, stall_timeout: float) -> None:
+    def _read(resp, rec: RequestRecord, t0: float, stall_timeout: float) -> None:
         error = getattr(resp, "error", None)
         rec.status = resp.status_code or 0
         if rec.status >= 400:
@@ -125,7 +142,7 @@ class ChatUser(FastHttpUser):
         raw = resp._response
         read_stream(rec, lambda: raw.readline(b"\n"), t0)
 
-    def _fire_slo_events(self, rec: StreamRecord) -> None:
+    def _fire_slo_events(self, rec: RequestRecord) -> None:
         """Each KPI sample as a Locust request event, so the stock tables and charts show it."""
         fire = self.environment.events.request.fire
         for label, field in SLO_EVENTS:

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest._sse import StreamRecord, read_stream
+from contract.record import RequestRecord
+from loadtest._sse import read_stream
 from serve import media
 from serve.errors import APIError
 from serve.settings import MediaLimits
@@ -69,7 +70,7 @@ def _replay(lines: list[bytes]):
 @FUZZ
 @given(st.lists(sse_lines, max_size=12))
 def test_sse_reader_never_counts_a_broken_stream_as_success(lines):
-    record = StreamRecord(id="r", cls="text", thinking=False, short=False, max_tokens=8)
+    record = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=8)
     clock = iter(range(1, 10_000)).__next__
     try:
         read_stream(record, _replay(lines), 0.0, clock=lambda: float(clock()))

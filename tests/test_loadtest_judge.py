@@ -1,0 +1,152 @@
+"""The judge, tested as an adversary would: record sets built to fool it, and live runs against
+ground-truth servers that fail only under load (every request counted, secrets never written)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from conftest import free_port
+from contract.record import RequestRecord
+from contract.slo import load_slo
+from loadtest import run_headless
+from loadtest._stats import Estimate, _binom_cdf, percentile_bounds
+from loadtest._truth_server import fetch_truth, running
+from loadtest._verdict import ServerFacts, accounting, assign, cold_start, level_table, overall, verdict
+
+SLO = load_slo()
+TARGET = SLO.concurrency_target
+TTFT = SLO.kpis["ttft_p95"].target
+SHORT = SLO.benchmark.short_reply_max_tokens
+_ids = itertools.count()
+
+
+def rec(level: int, ttft: float = 0.1, ok: bool = True, short: bool = False, **kw) -> RequestRecord:
+    """A finished request; a long reply decodes at 60 tokens/s, a short one in 0.4 s."""
+    tokens = SHORT if short else 256
+    e2e = 0.4 if short else ttft + (tokens - 1) / 60
+    r = RequestRecord(id=str(next(_ids)), cls="text", thinking=False, short=short, max_tokens=tokens,
+                      level=level, phase="steady", start_wall=float(next(_ids)), **kw)
+    if ok:
+        r.ok, r.ttft_s, r.e2e_s, r.output_tokens = True, ttft, e2e, tokens
+        r.tpot_s = (e2e - ttft) / (tokens - 1)
+        r.decode_tokens_per_s, r.output_tokens_per_s = 1 / r.tpot_s, tokens / e2e
+        r.duration_s = e2e
+    else:
+        r.error, r.duration_s = "HTTP 503: overloaded", 0.01
+    return r
+
+
+def healthy_level(level: int, n: int = 240) -> list[RequestRecord]:
+    """Enough samples for every bound: n requests, a quarter of them short replies."""
+    rng = random.Random(level)
+    return [rec(level, ttft=rng.uniform(0.05, 0.2), short=i % 4 == 0) for i in range(n)]
+
+
+def judge(records: list[RequestRecord], duration_s: float = 600.0) -> tuple[str, dict, list[dict]]:
+    assign(records, SLO)
+    levels = level_table(records, SLO, {row: 60.0 for row in {r.level for r in records}})
+    kpis = verdict(records, SLO, levels, ServerFacts(oom_events=0, replica_crashes=0, gpu_memory_gb_per_copy=20,
+                                                     cpu_percent_max=30, note=""), duration_s)
+    return overall(kpis), kpis, levels
+
+
+def test_a_healthy_run_passes_with_bounds_inside_the_target():
+    result, kpis, levels = judge(healthy_level(TARGET))
+    assert result == "PASS", {k: (v["status"], v["note"]) for k, v in kpis.items()}
+    assert kpis["ttft_p95"]["high"] < TTFT and kpis["concurrency"]["value"] == TARGET
+
+
+def test_errors_only_above_the_target_fail_the_verdict():
+    records = healthy_level(TARGET) + [rec(2 * TARGET, ok=False) for _ in range(50)] + healthy_level(2 * TARGET, 50)
+    result, kpis, levels = judge(records)
+    assert result == "FAIL" and kpis["error_rate"]["status"] == "FAIL"
+    assert kpis["error_rate"]["value"] == pytest.approx(50 / len(records))  # none excluded
+    assert kpis["ttft_p95"]["status"] == "PASS"  # the latency promise held at the target
+    assert {row["level"]: row["scope"] for row in levels} == {TARGET: "judged", 2 * TARGET: "headroom"}
+
+
+def test_each_level_is_judged_alone_and_a_failing_low_level_caps_concurrency():
+    slow_one = [rec(1, ttft=TTFT * 2) for _ in range(60)]  # level 1 misses; level 8 alone would pass
+    result, kpis, levels = judge(slow_one + healthy_level(TARGET, 400))
+    assert [row["status"] for row in levels] == ["FAIL", "PASS"]
+    assert kpis["ttft_p95"]["status"] == "FAIL" and "1 streams" in kpis["ttft_p95"]["note"]
+    assert kpis["concurrency"]["value"] == 0 and kpis["concurrency"]["status"] == "FAIL"
+    assert result == "FAIL"
+
+
+def test_a_p95_from_seven_requests_is_inconclusive_never_pass():
+    result, kpis, levels = judge([rec(TARGET, ttft=0.1) for _ in range(7)])
+    assert kpis["ttft_p95"]["status"] == "INCONCLUSIVE" and kpis["ttft_p95"]["high"] is None
+    assert result == "INCONCLUSIVE"
+    # ... and one cold request among eight neither passes nor fails the level on its own
+    cold = [rec(1, ttft=0.94)] + [rec(1, ttft=0.04) for _ in range(7)]
+    _, kpis, _ = judge(cold)
+    assert kpis["ttft_p95"]["status"] == "INCONCLUSIVE"
+    assert cold_start(cold, 1)["ttft_max_s"] == pytest.approx(0.94)
+
+
+def test_failed_requests_are_misses_in_the_latency_kpis():
+    records = healthy_level(TARGET) + [rec(TARGET, ok=False) for _ in range(30)]  # 11 % fail, fast otherwise
+    _, kpis, _ = judge(records)
+    assert kpis["ttft_p95"]["status"] == "FAIL" and kpis["ttft_p95"]["value"] is None  # the p95 is a failure
+    assert kpis["decode_tokens_per_s_p10"]["status"] == "FAIL"
+
+
+def test_drain_and_warmup_requests_are_not_judged_for_latency_but_their_errors_count():
+    records = healthy_level(TARGET)
+    drained = [rec(TARGET, ttft=TTFT * 3) for _ in range(40)]
+    for r in drained:
+        r.phase = "drain"
+    warm = [rec(TARGET, ok=False, warmup=True)]
+    result, kpis, levels = judge(records + drained + warm)
+    assert accounting(records + drained + warm) == {"sent": 281, "judged": 240, "headroom": 0, "drain": 40,
+                                                    "warmup": 1, "failed": 1}
+    assert kpis["ttft_p95"]["status"] == "PASS" and kpis["error_rate"]["value"] == pytest.approx(1 / 281)
+
+
+def test_order_statistic_bounds_cover_the_true_percentile():
+    """Each one-sided bound holds with >= 95 % probability, by the binomial law it is built on."""
+    for n in (59, 100, 400):
+        cdf = _binom_cdf(n, 0.95)
+        ranks = list(range(1, n + 1))
+        low, high = percentile_bounds(ranks, 95)  # the values are their own ranks
+        assert 1 - cdf[int(low) - 1] >= 0.95 and cdf[int(high) - 1] >= 0.95
+        assert 1 - cdf[int(low)] < 0.95 and cdf[int(high) - 2] < 0.95  # and are the tightest such ranks
+    assert percentile_bounds(list(range(58)), 95)[1] is None  # 58 samples cannot bound a p95 from above
+    assert Estimate.of_percentile([math.inf] * 6 + [0.1] * 94, 95).value == math.inf  # no NaN from failures
+
+
+# --- live: every request counted against a server that fails only under load ---------
+LIVE = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "24", "--short-share", "0.25")
+
+
+@pytest.mark.timeout(240)
+def test_a_ramp_against_a_server_that_fails_beyond_the_target_fails_and_counts_every_request(tmp_path):
+    canary = "sk-canary-7f3e9a1b"
+    with running(free_port(), "--ttft", "0.02", "--itl", "0.004", "--max-streams", str(TARGET)) as url:
+        out = run_headless(url, tmp_path, 1, "60s", *LIVE, "--step-users", f"{TARGET // 2},{TARGET},{2 * TARGET}",
+                           "--step-duration", "4", "--step-keep-going", "--api-key", canary, timeout=200)
+        truth = fetch_truth(url)
+    s = out.summary
+    records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    # the server's own log and the records name the same requests, each exactly once
+    assert sorted(r["id"] for r in records) == sorted(truth), (len(records), len(truth))
+    assert s["accounting"]["sent"] == len(truth) == s["requests"]["total"]
+    acc = s["accounting"]
+    assert acc["sent"] == acc["judged"] + acc["headroom"] + acc["drain"] + acc["warmup"]
+    rejected = sum(1 for t in truth.values() if t.get("status") == 503)
+    assert rejected > 0 and acc["failed"] == rejected == s["requests"]["failed"]
+    assert out.returncode == 1 and s["verdict"] == "FAIL", out.output[-3000:]
+    assert s["kpis"]["error_rate"]["status"] == "FAIL"
+    assert {row["level"] for row in s["levels"]} == {TARGET // 2, TARGET, 2 * TARGET}
+    # the key reached the server, and no file of the report nor the console output holds it
+    assert all(t["authorization"] == f"Bearer {canary}" for t in truth.values())
+    for path in tmp_path.iterdir():
+        assert canary not in path.read_text(errors="replace"), path.name
+    assert canary not in out.output
+    assert s["config"]["options"]["api_key"] == "***"
