@@ -310,6 +310,10 @@ def on_test_start(environment, **_kw) -> None:
         run.selfcheck.reset()
     if run.is_worker:
         run.pending, run.open_requests = [], Counter()
+        try:  # the master validated these same options already
+            run.settings = settings(environment.parsed_options)
+        except (OptionError, SLOFileError) as exc:
+            log.error("llmslo loadtest: error: %s", exc)
         return
     try:  # options may have been edited in the web UI's start form
         run.settings = settings(environment.parsed_options)
@@ -363,8 +367,13 @@ def on_test_stop(environment, **_kw) -> None:
 
 
 def _finish_when_complete(run: Run, expected: set[str], wait_s: float) -> None:
+    """Judge once every live worker's final records are in (a worker gone missing is not waited for)."""
     deadline = time.perf_counter() + wait_s
-    while not expected <= run.finals and time.perf_counter() < deadline:
+    runner = run.environment.runner
+    while time.perf_counter() < deadline:
+        missing = {c.id for c in runner.clients.all if c.state == "missing"}
+        if expected - missing <= run.finals:
+            break
         gevent.sleep(0.05)
     run.senders |= expected
     finish(run)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from llmslo import compare
 from contract.slo import load_slo
+from contract.record import RequestRecord
 from loadtest import _verdict
 
 # seed 001 §4.2, as published
@@ -21,19 +22,21 @@ SEED_LINES = [
 ]
 
 
-def _record(ttft: float, tpot: float, tokens: int, level: int) -> dict:
+def _record(ttft: float, tpot: float, tokens: int, level: int) -> RequestRecord:
     e2e = ttft + tpot * (tokens - 1)
-    return {"ok": True, "cls": "text", "level": level, "held": True, "ttft_s": ttft, "ttfo_s": ttft, "tpot_s": tpot,
-            "e2e_s": e2e, "decode_tokens_per_s": 1 / tpot, "output_tokens_per_s": tokens / e2e,
-            "output_tokens": tokens, "itl_s": [tpot] * (tokens - 1), "schedule_lag_s": None}
+    return RequestRecord(id="r", cls="text", thinking=False, short=True, max_tokens=tokens, level=level,
+                         phase="steady", ok=True, ttft_s=ttft, ttfo_s=ttft, tpot_s=tpot, e2e_s=e2e, duration_s=e2e,
+                         decode_tokens_per_s=1 / tpot, output_tokens_per_s=tokens / e2e, output_tokens=tokens,
+                         itl_s=[tpot] * (tokens - 1))
 
 
 @pytest.fixture
 def sample_summary() -> dict:
     """summary.json's parts, computed by the load test's own code from known records."""
     slo = load_slo()
-    records = [_record(0.1, 0.012, 32, 8), _record(0.11, 0.0125, 32, 8),
-               _record(0.1, 0.012, 32, 16), _record(0.095, 0.0135, 32, 16)]
+    # 60 requests per level: enough for a p95's 95 % bound, so both levels can pass
+    records = [_record(0.1 + 0.01 * (i % 2), 0.012 + 0.001 * (i % 2), 32, level) for level in (8, 16) for i in range(60)]
+    _verdict.assign(records, slo)
     levels = _verdict.level_table(records, slo, {8: 10.0, 16: 10.0})
     return {
         "metrics": _verdict.metric_table(records),
@@ -58,8 +61,8 @@ def test_a_run_lands_next_to_the_seed(tmp_path: Path, sample_summary: dict) -> N
     assert compare.main([f"laptop sim={run}", "--out", str(out)]) == 0
     lines = (out / "compare.md").read_text().splitlines()
     assert lines[2:6] == SEED_LINES
-    # TTFT 101.25 ± 6.29 ms, TPOT 12.5 ± 0.71 ms; level 16: 64 tokens / 10 s; both levels pass
-    assert lines[6] == "| **laptop sim** | — | 101.2 ± 6.3 | 12.5 ± 0.7 | 6.4 | 16 |"
+    # TTFT 105 ± 5.02 ms, TPOT 12.5 ± 0.50 ms; 60 x 32 tokens / 10 s per level; both levels pass
+    assert lines[6] == "| **laptop sim** | — | 105.0 ± 5.0 | 12.5 ± 0.5 | 192.0 | 16 |"
 
 
 def test_unreadable_run_is_a_clear_error(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def test_connection_refused_is_a_failure_not_a_crash(tmp_path):
     [
         (["--mix", "video=1"], "--mix: expected CLASS=WEIGHT"),
         (["--short-share", "2"], "--short-share must be within"),
-        (["--step-users", "4,2"], "--step-users: user counts must be >= 1 and increasing"),
+        (["--step-users", "4,2"], "--step-users: user counts must be >= 1 and strictly increasing"),
         (["--slo-file", "/nonexistent/slo.yaml"], "cannot read /nonexistent/slo.yaml"),
     ],
 )

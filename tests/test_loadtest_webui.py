@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -92,9 +93,40 @@ def test_headless_run_serves_client_metrics_on_its_port(tmp_path):
                                if f.name == "llmslo_client_requests" for s in f.samples if s.name.endswith("_total"))
                 time.sleep(0.5)
             assert finished > 0
-            assert locust.wait(timeout=60) in (0, 1, 3)
+            assert locust.wait(timeout=60) in (0, 1, 3, 4)
             assert {t["authorization"] for t in fetch_truth(url).values()} == {"Bearer sk-test"}
         finally:
             if locust.poll() is None:
                 locust.kill()
                 locust.wait()
+
+
+def test_api_key_goes_only_to_the_configured_host(tmp_path):
+    """Anyone with the web UI can point the run elsewhere; the key must not follow it there."""
+    canary, web_port = "sk-canary-web-41c2", free_port()
+    with running(free_port(), "--ttft", "0.01", "--itl", "0.002") as configured, \
+            running(free_port(), "--ttft", "0.01", "--itl", "0.002") as elsewhere:
+        locust = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--web-host", "127.0.0.1",
+             "--web-port", str(web_port), "--host", configured, "--mix", "text=1", "--input-tokens", "10",
+             "--output-tokens", "8", "--report-dir", str(tmp_path), "--api-key", canary],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        web = f"http://127.0.0.1:{web_port}"
+        try:
+            _wait_http(web)
+            form = urllib.parse.urlencode({"user_count": 1, "spawn_rate": 1, "host": elsewhere}).encode()
+            urllib.request.urlopen(f"{web}/swarm", data=form, timeout=10).close()
+            deadline = time.monotonic() + 30
+            while len(fetch_truth(elsewhere)) < 3 and time.monotonic() < deadline:
+                time.sleep(0.3)
+            urllib.request.urlopen(urllib.request.Request(f"{web}/stop", method="POST"), timeout=10).close()
+            while not (tmp_path / "summary.json").exists() and time.monotonic() < deadline + 30:
+                time.sleep(0.2)
+            received = fetch_truth(elsewhere)
+        finally:
+            locust.terminate()
+            output, _ = locust.communicate(timeout=30)
+    assert len(received) >= 3 and all(r["authorization"] == "" for r in received.values()), received
+    summary = (tmp_path / "summary.json").read_text()
+    assert "API key withheld" in summary and canary not in summary and canary not in output

@@ -27,7 +27,7 @@ def test_killed_worker_is_named_with_its_samples_and_the_master_finishes(tmp_pat
             time.sleep(4)  # longer than Locust's 3 s worker report interval: both workers have delivered
             workers[0].kill()
             output, _ = master.communicate(timeout=120)
-    assert master.returncode in (1, 3), output[-3000:]  # judged (4 users fail the concurrency KPI), not crashed
+    assert master.returncode == 3, output[-3000:]  # judged invalid (a worker's records are missing), not crashed
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert (tmp_path / "run" / "report.html").exists()
     validity = summary["validity"]
