@@ -31,6 +31,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from llmslo import stack
 from contract.slo import SLOConfig, load_slo
@@ -109,21 +110,19 @@ def kpi_table(rows: list[dict], title: str) -> Table:
     table.add_column("note", no_wrap=True, overflow="ellipsis")
     for r in rows:
         status = str(r.get("status", ""))
-        table.add_row(str(r.get("kpi", "")), str(r.get("value", "")), str(r.get("bounds", "")), str(r.get("target", "")),
-                      f"[{STATUS_STYLE.get(status, '')}]{status}[/]", str(r.get("samples", "")),
-                      str(r.get("note", "")))
+        table.add_row(*(Text(str(r.get(k, ""))) for k in ("kpi", "value", "bounds", "target")),
+                      Text(status, style=STATUS_STYLE.get(status, "")), Text(str(r.get("samples", ""))),
+                      Text(str(r.get("note", ""))))
     return table
 
 
 def level_table(rows: list[dict]) -> Table:
-    """Each concurrency level judged on its own (loadtest._report.level_rows) as a rich table."""
-    table = Table(title="levels (value [95 % bounds] samples status)", title_justify="left", box=box.SIMPLE_HEAD)
-    for key in (rows[0] if rows else {"level": 0}):
-        table.add_column(key, no_wrap=key not in ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10",
-                                                    "output_tokens_per_s_mean"))
+    """Each concurrency level judged on its own (loadtest._report.level_rows: a column per level)."""
+    table = Table(title="levels: value [95 % bounds] samples status", title_justify="left", box=box.SIMPLE_HEAD)
+    for key in (rows[0] if rows else {"measure": ""}):
+        table.add_column(key, no_wrap=key == "measure")
     for r in rows:
-        status = str(r["status"])
-        table.add_row(*(f"[{STATUS_STYLE.get(status, '')}]{v}[/]" if k == "status" else str(v) for k, v in r.items()))
+        table.add_row(*(Text(str(v), style=STATUS_STYLE.get(str(v).split()[-1], "") if v else "") for v in r.values()))
     return table
 
 

@@ -62,18 +62,28 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
 LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "error_rate")
 
 
+def _short(value: float | None, unit: str) -> str:
+    """A bound without its unit (the value beside it carries it)."""
+    return "?" if value is None else fmt(value, unit).replace(f" {unit}", "").replace(" ms", "")
+
+
 def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
-    """One row per level: accounting, throughput and each client KPI as 'value [bounds] n STATUS'."""
-    rows = []
-    for row in levels:
-        out = {"level": row["level"], "scope": row["scope"], "status": row["status"] or "NOT MEASURED",
-               "requests": row["requests"], "judged": row["judged_requests"], "drain": row["drain_requests"],
-               "failed": row["failed"], "achieved": fmt(row["achieved_concurrency"]),
-               "tokens/s": fmt(row["output_tokens_per_s"])}
-        for name in LEVEL_KPIS:
-            k, unit = row["kpis"][name], kpis[name]["unit"]
-            out[name] = f"{fmt(k['value'], unit)} {interval(k, unit)} n={k['samples']} {k['status'] or '-'}".replace("  ", " ")
-        rows.append(out)
+    """The level table turned on its side (a row per measure, a column per level), so it fits a terminal.
+
+    Each KPI cell is 'value [low, high] n=N STATUS' (bounds: see the glossary).
+    """
+    def cell(k: dict, unit: str) -> str:
+        bounds = f" [{_short(k['low'], unit)}, {_short(k['high'], unit)}]" if k["low"] is not None or k["high"] is not None else ""
+        return f"{fmt(k['value'], unit)}{bounds} n={k['samples']} {k['status'] or 'NOT MEASURED'}"
+
+    columns = {f"{r['level']} streams ({r['scope']})": r for r in levels}
+    rows = [{"measure": "status", **{c: r["status"] or "NOT MEASURED" for c, r in columns.items()}},
+            {"measure": "sent / judged / drain / failed",
+             **{c: f"{r['requests']} / {r['judged_requests']} / {r['drain_requests']} / {r['failed']}" for c, r in columns.items()}},
+            {"measure": "achieved concurrency", **{c: fmt(r["achieved_concurrency"]) for c, r in columns.items()}},
+            {"measure": "output tokens/s", **{c: fmt(r["output_tokens_per_s"]) for c, r in columns.items()}}]
+    rows += [{"measure": name, **{c: cell(r["kpis"][name], kpis[name]["unit"]) for c, r in columns.items()}}
+             for name in LEVEL_KPIS]
     return rows
 
 
@@ -93,11 +103,12 @@ def console_table(summary: dict) -> str:
     for r in rows:
         lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['bounds']:>24} {r['target']:>16} {r['status']:>13}  {r['note']}")
     lines.append("")
-    lines.append("per level (value [95 % bounds] samples status):")
-    for r in level_rows(summary["levels"], summary["kpis"]):
-        kpis = "; ".join(f"{name} {r[name]}" for name in LEVEL_KPIS)
-        lines.append(f"  {r['level']:>4} streams {r['scope']:<8} {r['status']:<12} {r['requests']} sent, "
-                     f"{r['judged']} judged, achieved {r['achieved']}: {kpis}")
+    lines.append("")
+    table = level_rows(summary["levels"], summary["kpis"])
+    if table:
+        widths = {k: max(len(k), *(len(str(r[k])) for r in table)) for k in table[0]}
+        lines.append("  ".join(f"{k:<{w}}" for k, w in widths.items()))
+        lines.extend("  ".join(f"{str(r[k]):<{w}}" for k, w in widths.items()) for r in table)
     cold = summary["cold_start"]
     lines.append(f"cold start: first {cold['requests']} requests, TTFT max {fmt(cold['ttft_max_s'], 's')}, "
                  f"{cold['failed']} failed, {'judged' if cold['judged'] else 'not judged (warm-up)'}")

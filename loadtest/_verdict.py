@@ -284,7 +284,7 @@ def _across_levels(name: str, levels: list[dict]) -> dict:
                 "note": "no samples at a judged level" if levels else "no level at or below the target was held"}
     row = min(measured, key=lambda r: STATUS_ORDER[r["kpis"][name]["status"]])
     k = row["kpis"][name]
-    note = f"worst of {len(measured)} level(s): {row['level']} streams" + (f"; {k['note']}" if k["note"] else "")
+    note = f"at {row['level']} streams (worst of {len(measured)} judged level(s))" + (f"; {k['note']}" if k["note"] else "")
     return {**k, "levels": per_level, "note": note}
 
 

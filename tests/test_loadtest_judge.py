@@ -74,7 +74,7 @@ def test_each_level_is_judged_alone_and_a_failing_low_level_caps_concurrency():
     slow_one = [rec(1, ttft=TTFT * 2) for _ in range(60)]  # level 1 misses; level 8 alone would pass
     result, kpis, levels = judge(slow_one + healthy_level(TARGET, 400))
     assert [row["status"] for row in levels] == ["FAIL", "PASS"]
-    assert kpis["ttft_p95"]["status"] == "FAIL" and "1 streams" in kpis["ttft_p95"]["note"]
+    assert kpis["ttft_p95"]["status"] == "FAIL" and "at 1 streams" in kpis["ttft_p95"]["note"]
     assert kpis["concurrency"]["value"] == 0 and kpis["concurrency"]["status"] == "FAIL"
     assert result == "FAIL"
 
