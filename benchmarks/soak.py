@@ -39,17 +39,10 @@ sys.path.insert(0, str(REPO))
 
 from llmslo.generate import names, rules, to_yaml  # noqa: E402
 from llmslo.slo import load_slo  # noqa: E402
+from llmslo.supervisor import free_port  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 
 ROLES = {"ServeReplica:llmslo:Model": "model", "ServeReplica:llmslo:Ingress": "ingress", "ProxyActor": "proxy"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_processes(root: int) -> dict[int, str]:

@@ -5,7 +5,11 @@ The same config file ``serve run`` uses; flags override its ``http_options`` and
 process's environment (so every Ray process, not only the replicas, sees them).
 Ray's metrics export port (Prometheus scrapes it) is fixed here (default 8080)
 because a plain ``ray.init`` picks a random one.
-Stops cleanly (Serve, then Ray) on Ctrl-C or SIGTERM.
+
+Refuses to start (exit 2) when the HTTP or metrics port is already taken: Serve's
+proxy would retry its bind in the background while the old listener answered
+``/healthz`` for it. Stops on Ctrl-C or SIGTERM (Serve, then Ray) and returns only
+once every process Ray started here has exited, so the ports are free again.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-id", help="served model id (default: slo.yaml service.model)")
     p.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs Ray may use (default: all it detects)")
+    p.add_argument("--stop-grace-s", type=float, default=30.0,
+                   help="on stop, how long Ray's processes may take to exit before they are killed")
     return p.parse_args(argv)
 
 
@@ -87,9 +93,41 @@ def export_env_vars(entry: dict[str, Any], environ: MutableMapping[str, str]) ->
         environ.setdefault(key, str(value))
 
 
+def taken_ports(http: dict[str, Any], metrics_port: int) -> list[str]:
+    """``host:port`` of every port this server would listen on that something already holds."""
+    from llmslo.supervisor import port_taken
+
+    host = http.get("host", "0.0.0.0")
+    return [f"{host}:{port}" for port in (http["port"], metrics_port) if port_taken(host, port)]
+
+
+def stop_ray(grace_s: float) -> None:
+    """Shut Serve and Ray down and wait until every process Ray started from here is gone.
+
+    ``ray.shutdown`` returns while the raylet's workers (the HTTP proxy among them)
+    are still exiting; waiting for them means the caller may reuse the ports at once.
+    """
+    import ray
+    from ray import serve
+
+    from llmslo.supervisor import descendants, reap
+
+    ray_procs = descendants(os.getpid())
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        killed = reap(ray_procs, grace_s)
+        print(json.dumps({"event": "ray_stopped", "processes": len(ray_procs), "killed": killed}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     http, entry, args = app_config(ns)
+    if taken := taken_ports(http, ns.metrics_port):
+        print(f"llmslo serve: port already in use: {', '.join(taken)} (is another server still stopping?)",
+              file=sys.stderr, flush=True)
+        return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     export_env_vars(entry, os.environ)
     import ray
@@ -119,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                           "metrics_url": f"http://{host}:{ns.metrics_port}/metrics"}), flush=True)
         stop.wait()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_ray(ns.stop_grace_s)
     return 0
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from llmslo.slo import load_slo
-from llmslo.stack import Ports, prometheus_config
+from llmslo.catalogue import Ports, prometheus_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -66,7 +66,7 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
 
 
 def load_compose(**overrides: str) -> dict[str, Any]:
-    env = env_example() | {"GF_ADMIN_PASSWORD": "s3cret"} | overrides
+    env = env_example() | {"GF_ADMIN_PASSWORD": "s3cret", "LLMSLO_LOCUST_PASSWORD": "s3cret"} | overrides
     return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env)
 
 
@@ -125,6 +125,17 @@ def test_grafana_admin_password_is_required() -> None:
     with pytest.raises(ValueError, match="GF_ADMIN_PASSWORD"):
         load_compose(GF_ADMIN_PASSWORD="")
     assert env_example()["GF_ADMIN_PASSWORD"] == ""
+
+
+def test_locust_ui_requires_a_login_from_the_environment(compose: dict[str, Any]) -> None:
+    master = compose["services"]["locust-master"]
+    assert "--web-login" in master["command"], "the published UI must not start load tests for anyone"
+    assert master["environment"]["LLMSLO_LOCUST_PASSWORD"] == "s3cret"
+    assert master["environment"]["LLMSLO_LOCUST_USER"] == env_example()["LLMSLO_LOCUST_USER"]
+    with pytest.raises(ValueError, match="LLMSLO_LOCUST_PASSWORD"):
+        load_compose(LLMSLO_LOCUST_PASSWORD="")
+    assert env_example()["LLMSLO_LOCUST_PASSWORD"] == ""
+    assert (ROOT / "loadtest" / "web_login.py").exists(), "--web-login needs the login module in loadtest/"
 
 
 def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
