@@ -85,6 +85,7 @@ class Service:
     url: str
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout_s: float = 90.0
+    required: bool = True  # False: the stack goes on without it (a Ray worker node may be lost)
     proc: subprocess.Popen | None = None
     family: dict[int, psutil.Process] = field(default_factory=dict)
 
@@ -164,12 +165,16 @@ class Stack:
         return "\n".join(f"  {service.name}| {line}" for line in text)
 
     def watch(self) -> Service | None:
-        """Refresh the descendant records; return the first service that has died."""
+        """Refresh the descendant records; return the first required service that has died."""
         for service in self.services:
             service.remember_descendants()
-            if service.proc is not None and service.proc.poll() is not None:
+            if service.required and service.proc is not None and service.proc.poll() is not None:
                 return service
         return None
+
+    def lost(self) -> list[Service]:
+        """Services that may die without stopping the stack, and did."""
+        return [s for s in self.services if not s.required and s.proc is not None and s.proc.poll() is not None]
 
     def stop(self) -> None:
         """SIGTERM each leader (reverse order), then its group and leftovers; SIGKILL stragglers."""
