@@ -48,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-id", help="served model id (default: slo.yaml service.model)")
     p.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs Ray may use (default: all it detects)")
+    p.add_argument("--temp-dir", help="Ray's temp dir (default /tmp/ray): holds prom_metrics_service_discovery.json")
+    p.add_argument("--dashboard-port", type=int,
+                   help="start Ray's dashboard on 127.0.0.1:PORT; it writes the Prometheus service-discovery file")
     p.add_argument("--address", help="join this running Ray cluster (HOST:GCS_PORT) instead of starting one")
     p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
                    help="where Serve runs HTTP proxies (config: proxy_location); HeadOnly when nodes share one host")
@@ -124,7 +127,10 @@ def start_ray(ns: argparse.Namespace) -> None:
         address="local",
         num_cpus=ns.num_cpus,
         num_gpus=ns.num_gpus,
-        include_dashboard=False,
+        include_dashboard=ns.dashboard_port is not None,
+        dashboard_host="127.0.0.1",
+        dashboard_port=ns.dashboard_port,
+        _temp_dir=ns.temp_dir,
         _metrics_export_port=ns.metrics_port,
         _system_config=system_config,
         log_to_driver=True,
