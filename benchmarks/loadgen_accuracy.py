@@ -34,15 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from loadtest._headless import locust_command  # noqa: E402
+from llmslo.supervisor import free_port  # noqa: E402
 from loadtest._truth_server import fetch_truth, running  # noqa: E402
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_level(streams: int, args: argparse.Namespace, workdir: Path) -> dict:

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llmslo.supervisor import free_port  # noqa: E402
 from serve import tokens  # noqa: E402
 from serve.engines.base import Delta, GenerationRequest, Message  # noqa: E402
 from serve.engines.simulated import SimulatedEngine  # noqa: E402
@@ -92,16 +92,10 @@ async def run_level(make_stream, concurrency: int, rounds: int) -> dict[str, dic
     return {"ttft_ms": summarize(ttft), "itl_ms": summarize(itl)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(replicas: int = 1, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "serve.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-           str(_free_port()), "--replicas", str(replicas), "--time-scale", "1.0", "--num-cpus", "2"]
+           str(free_port()), "--replicas", str(replicas), "--time-scale", "1.0", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
     url = f"http://127.0.0.1:{port}"

@@ -37,20 +37,13 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from contract import names
-from llmslo.generate import rules, to_yaml  # noqa: E402
+from contract import names  # noqa: E402
 from contract.slo import load_slo  # noqa: E402
+from llmslo.generate import rules, to_yaml  # noqa: E402
+from llmslo.supervisor import free_port  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 
 ROLES = {"ServeReplica:llmslo:Model": "model", "ServeReplica:llmslo:Ingress": "ingress", "ProxyActor": "proxy"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def serve_processes(root: int) -> dict[int, str]:

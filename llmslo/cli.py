@@ -13,7 +13,7 @@ import sys
 # and returns a process exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve.cli:main", "start a local Ray and deploy serve/config.yaml"),
-    "generate": ("llmslo.generate:main", "write alerts/ and dashboards/ from slo.yaml"),
+    "generate": ("llmslo.generate:main", "write alerts/, dashboards/ and deploy/k8s/prometheusrule.yaml from slo.yaml"),
     "grafana": ("llmslo.grafana_push:main", "push dashboards and alerts to a Grafana"),
     "up": ("llmslo.stack:main", "run the whole stack as local processes"),
     "demo": ("llmslo.demo:main", "bring the stack up, run a bounded load, print the verdict"),

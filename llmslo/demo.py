@@ -1,6 +1,6 @@
 """``llmslo demo``: the whole job in one command, on any machine.
 
-Brings up the embedded stack (:mod:`llmslo.stack`: Ray Serve with the
+Brings up the embedded stack (:mod:`llmslo.catalogue`: Ray Serve with the
 simulated engine unless told otherwise, Prometheus and Alertmanager when
 installed), runs the load test for a bounded time — the seed's benchmark shape
 (512 prompt / 256 output tokens, the multimodal mix) stepping through the
@@ -33,7 +33,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
-from llmslo import stack
+from llmslo import catalogue, supervisor
 from contract.slo import SLOConfig, load_slo
 
 # Ray exports metrics every 10 s by default: too coarse for a 2-minute run's snapshot.
@@ -68,22 +68,13 @@ def step_durations(text: str, steps: int) -> list[float]:
     return values * steps if len(values) == 1 else values
 
 
-def locust_service(ports: stack.Ports, report_dir: Path, steps: list[int], step_s: str,
-                   extra: list[str]) -> stack.Service:
+def locust_service(ports: catalogue.Ports, report_dir: Path, steps: list[int], step_s: str,
+                   extra: list[str]) -> supervisor.Service:
     """The load test, started at once with its web UI on loopback; it quits when the ramp ends."""
-    return stack.Service(
-        "locust",
-        [sys.executable, "-m", "locust", "-f", str(stack.ROOT / "loadtest"),
-         "--host", f"http://127.0.0.1:{ports.serve}",
-         "--web-host", "127.0.0.1", "--web-port", str(ports.locust),
-         "--autostart", "--autoquit", "0",
-         "--step-users", ",".join(map(str, steps)), "--step-duration", step_s,
-         "--report-dir", str(report_dir),
-         "--server-metrics-url", f"http://127.0.0.1:{ports.ray_metrics}/metrics",
-         *LOAD_DEFAULTS, *extra],
-        ready_url=f"http://127.0.0.1:{ports.locust}/",
-        url=f"http://127.0.0.1:{ports.locust}",
-    )
+    return catalogue.locust_service(
+        ports, "--autostart", "--autoquit", "0",
+        "--step-users", ",".join(map(str, steps)), "--step-duration", step_s,
+        "--report-dir", str(report_dir), *LOAD_DEFAULTS, *extra)
 
 
 def _get_json(url: str, **params: Any) -> Any:
@@ -126,7 +117,7 @@ def level_table(rows: list[dict]) -> Table:
     return table
 
 
-def watch(locust: stack.Service, the_stack: stack.Stack, steps: list[int], durations: list[float],
+def watch(locust: supervisor.Service, the_stack: supervisor.Stack, steps: list[int], durations: list[float],
           console: Console) -> int:
     """Progress bar and live KPI table until the load test exits; returns its exit code.
 
@@ -258,15 +249,15 @@ def _parser(slo: SLOConfig) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, console: Console) -> int:
     steps = [int(s) for s in args.step_users.split(",")]
-    report_dir = (args.report_dir or stack.default_run_dir("demo")).resolve()
-    ports = stack.Ports.free()
-    the_plan = stack.plan(ports, report_dir / "stack", locust_ui=False, grafana=False,
+    report_dir = (args.report_dir or catalogue.default_run_dir("demo")).resolve()
+    ports = catalogue.Ports.free()
+    the_plan = catalogue.plan(ports, report_dir / "stack", locust_ui=False, grafana=False,
                           serve_args=[*SERVE_DEFAULTS, *args.serve_arg])
     for line in the_plan.missing:
         console.print(f"[yellow]llmslo demo: {line}[/]")
     durations = step_durations(args.step_duration, len(steps))
     locust = locust_service(ports, report_dir, steps, args.step_duration, args.locust_arg)
-    the_stack = stack.Stack([*the_plan.services, locust], report_dir / "stack")
+    the_stack = supervisor.Stack([*the_plan.services, locust], report_dir / "stack")
     prometheus = next((s.url for s in the_plan.services if s.name == "prometheus"), None)
     with console.status("starting the model server, Prometheus, Alertmanager and the load test…"):
         the_stack.start()
@@ -325,11 +316,11 @@ def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
 def main(argv: list[str]) -> int:
     console = Console(width=None if sys.stdout.isatty() else 140)
     args = _parser(load_slo()).parse_args(argv)
-    stack.stop_on_sigterm()
+    supervisor.stop_on_sigterm()
     started = time.monotonic()
     try:
         code = run(args, console)
-    except stack.StackError as exc:
+    except supervisor.StackError as exc:
         console.print(f"[bold red]llmslo demo: {exc}[/]")
         return 2
     except KeyboardInterrupt:

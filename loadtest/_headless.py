@@ -30,13 +30,18 @@ class Outcome:
         return self.summary["verdict"] if self.summary else None
 
 
+def locust_argv(*args: str) -> list[str]:
+    """``python -m locust -f loadtest/ ARGS``: the one way every part of the project starts Locust
+    (``llmslo up``'s web UI, the demo, this helper, the distributed tests), with this interpreter."""
+    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), *args]
+
+
 def locust_command(host: str, report_dir: Path, users: int, run_time: str, *extra: str) -> list[str]:
     """The exact command line: ``locust -f loadtest/ --headless ...``."""
-    return [
-        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--headless", "--host", host,
-        "-u", str(users), "-r", str(users), "-t", run_time, "--only-summary",
+    return locust_argv(
+        "--headless", "--host", host, "-u", str(users), "-r", str(users), "-t", run_time, "--only-summary",
         "--report-dir", str(report_dir), *extra,
-    ]
+    )
 
 
 def run_headless(

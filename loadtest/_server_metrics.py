@@ -1,7 +1,10 @@
 """Read the server-side KPIs (OOM, crashes, GPU memory, CPU) from its Prometheus endpoint.
 
-Metric names come from the contract (contract/names.py), the same constants
-the server registers and the alert rules query.
+The endpoint is one Ray node's metrics port, or Prometheus' ``/federate`` for a
+cluster: then every node's series arrive in one scrape (counters and GPU memory
+are summed over all of them, CPU is judged per node). Metric names come from the
+contract (contract/names.py), the same constants the server registers and the
+alert rules query.
 """
 
 from __future__ import annotations
@@ -58,6 +61,21 @@ def gpu_gb_per_copy(samples: list[tuple[dict, float]], gpus_per_replica: int) ->
     return max(sum(v) / copies[m] for m, v in per_model.items()) / 1e9
 
 
+def busiest_node_cpu(samples: list[tuple[dict, float]]) -> float:
+    """CPU percent of the busiest node: its serving processes together, as the CPUHigh alert's
+    ``sum by (instance)`` reads it (max of one process hid a full host).
+
+    A node's own endpoint has no ``instance`` label (one node); Prometheus' ``/federate``
+    (``--server-metrics-url http://PROM/federate?match[]={job="ray"}``) returns every
+    node's series, each with its ``instance``.
+    """
+    per_node: dict[str, float] = {}
+    for labels, value in samples:
+        node = labels.get("instance", "")
+        per_node[node] = per_node.get(node, 0.0) + value
+    return max(per_node.values())
+
+
 @dataclass
 class ServerWatch:
     """Counters at the first and latest scrape, gauge maxima in between."""
@@ -98,9 +116,7 @@ class ServerWatch:
             if gb is not None:
                 self.gpu_gb_max = gb if self.gpu_gb_max is None else max(self.gpu_gb_max, gb)
         if CPU in data:
-            # one scrape = one node's exporter: its serving processes together, as the
-            # CPUHigh alert's ``sum by (instance)`` reads it (max of one process hid a full host)
-            cpu = sum(v for _, v in data[CPU])
+            cpu = busiest_node_cpu(data[CPU])
             self.cpu_max = cpu if self.cpu_max is None else max(self.cpu_max, cpu)
 
     def facts(self) -> ServerFacts:

@@ -4,8 +4,14 @@ The same config file ``serve run`` uses; flags override its ``http_options`` and
 ``applications[0].args``, and its ``runtime_env.env_vars`` become defaults of this
 process's environment (so every Ray process, not only the replicas, sees them).
 Ray's metrics export port (Prometheus scrapes it) is fixed here (default 8080)
-because a plain ``ray.init`` picks a random one.
-Stops cleanly (Serve, then Ray) on Ctrl-C or SIGTERM.
+because a plain ``ray.init`` picks a random one. With ``--address`` it joins a running
+Ray cluster instead (``ray start``: one node or many, each exporting its own metrics)
+and only deploys.
+
+Refuses to start (exit 2) when the HTTP or metrics port is already taken: Serve's
+proxy would retry its bind in the background while the old listener answered
+``/healthz`` for it. Stops on Ctrl-C or SIGTERM (Serve, then Ray) and returns only
+once every process Ray started here has exited, so the ports are free again.
 """
 
 from __future__ import annotations
@@ -42,6 +48,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model-id", help="served model id (default: slo.yaml service.model)")
     p.add_argument("--num-cpus", type=float, help="CPUs Ray may use (default: all)")
     p.add_argument("--num-gpus", type=int, help="GPUs Ray may use (default: all it detects)")
+    p.add_argument("--temp-dir", help="Ray's temp dir (default /tmp/ray): holds prom_metrics_service_discovery.json")
+    p.add_argument("--dashboard-port", type=int,
+                   help="start Ray's dashboard on 127.0.0.1:PORT; it writes the Prometheus service-discovery file")
+    p.add_argument("--address", help="join this running Ray cluster (HOST:GCS_PORT) instead of starting one")
+    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
+                   help="where Serve runs HTTP proxies (config: proxy_location); HeadOnly when nodes share one host")
+    p.add_argument("--stop-grace-s", type=float, default=30.0,
+                   help="on stop, how long Ray's processes may take to exit before they are killed")
     return p.parse_args(argv)
 
 
@@ -78,6 +92,11 @@ def app_config(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
     return http, entry, args
 
 
+def config_proxy_location(ns: argparse.Namespace) -> str | None:
+    """The config file's ``proxy_location`` (None: Serve's default)."""
+    return yaml.safe_load(ns.config.read_text(encoding="utf-8")).get("proxy_location")
+
+
 def export_env_vars(entry: dict[str, Any], environ: MutableMapping[str, str]) -> None:
     """The application's ``runtime_env.env_vars`` as defaults of ``environ`` (values already set win).
 
@@ -87,40 +106,86 @@ def export_env_vars(entry: dict[str, Any], environ: MutableMapping[str, str]) ->
         environ.setdefault(key, str(value))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(sys.argv[1:] if argv is None else argv)
-    http, entry, args = app_config(ns)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    export_env_vars(entry, os.environ)
+def taken_ports(http: dict[str, Any], metrics_port: int | None) -> list[str]:
+    """``host:port`` of every port this server would listen on that something already holds."""
+    from llmslo.supervisor import port_taken
+
+    host = http.get("host", "0.0.0.0")
+    ports = [http["port"]] if metrics_port is None else [http["port"], metrics_port]
+    return [f"{host}:{port}" for port in ports if port_taken(host, port)]
+
+
+def start_ray(ns: argparse.Namespace) -> None:
+    """Join ``--address``, or start a local Ray with a fixed metrics port."""
     import ray
-    from ray import serve
 
-    from serve.app import build_app
-
-    app = build_app(args)  # validate before starting Ray
+    if ns.address:
+        ray.init(address=ns.address, log_to_driver=True)
+        return
     system_config = {"metrics_report_interval_ms": ns.metrics_interval_ms} if ns.metrics_interval_ms else None
     ray.init(
         address="local",
         num_cpus=ns.num_cpus,
         num_gpus=ns.num_gpus,
-        include_dashboard=False,
+        include_dashboard=ns.dashboard_port is not None,
+        dashboard_host="127.0.0.1",
+        dashboard_port=ns.dashboard_port,
+        _temp_dir=ns.temp_dir,
         _metrics_export_port=ns.metrics_port,
         _system_config=system_config,
         log_to_driver=True,
     )
+
+
+def stop_ray(grace_s: float) -> None:
+    """Shut Serve and Ray down and wait until every process Ray started from here is gone.
+
+    ``ray.shutdown`` returns while the raylet's workers (the HTTP proxy among them)
+    are still exiting; waiting for them means the caller may reuse the ports at once.
+    """
+    import ray
+    from ray import serve
+
+    from llmslo.supervisor import descendants, reap
+
+    ray_procs = descendants(os.getpid())
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        killed = reap(ray_procs, grace_s)
+        print(json.dumps({"event": "ray_stopped", "processes": len(ray_procs), "killed": killed}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    http, entry, args = app_config(ns)
+    if taken := taken_ports(http, None if ns.address else ns.metrics_port):
+        print(f"llmslo serve: port already in use: {', '.join(taken)} (is another server still stopping?)",
+              file=sys.stderr, flush=True)
+        return 2
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    export_env_vars(entry, os.environ)
+    from ray import serve
+
+    from serve.app import build_app
+
+    app = build_app(args)  # validate before starting Ray
+    start_ray(ns)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": http.get("host", "0.0.0.0"), "port": http["port"]})
+        serve.start(proxy_location=ns.proxy_location or config_proxy_location(ns),
+                    http_options={"host": http.get("host", "0.0.0.0"), "port": http["port"]})
         serve.run(app, name=entry.get("name", "llmslo"), route_prefix=entry.get("route_prefix", "/"))
         host = http.get("host", "0.0.0.0")
+        metrics_url = None if ns.address else f"http://{host}:{ns.metrics_port}/metrics"
         print(json.dumps({"event": "serve_ready", "url": f"http://{host}:{http['port']}",
-                          "metrics_url": f"http://{host}:{ns.metrics_port}/metrics"}), flush=True)
+                          "metrics_url": metrics_url}), flush=True)
         stop.wait()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_ray(ns.stop_grace_s)
     return 0
 
 

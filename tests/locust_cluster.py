@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from conftest import free_port
-from loadtest._headless import LOCUSTFILE_DIR, locust_command
+from loadtest._headless import locust_argv, locust_command
 
 
 @contextmanager
@@ -22,8 +21,7 @@ def locust_cluster(url: str, report_dir: Path, users: int, run_time: str, *args:
          "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    worker = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE_DIR), "--worker",
-              "--master-host", "127.0.0.1", "--master-port", str(port)]
+    worker = locust_argv("--worker", "--master-host", "127.0.0.1", "--master-port", str(port))
     procs = [subprocess.Popen(worker, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(workers)]
     try:
         yield master, procs

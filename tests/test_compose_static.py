@@ -13,14 +13,14 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import jsonschema
 import pytest
 import yaml
 
 from contract.slo import load_slo
-from llmslo.stack import Ports, prometheus_config
+from llmslo.catalogue import Ports, prometheus_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -66,7 +66,7 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
 
 
 def load_compose(**overrides: str) -> dict[str, Any]:
-    env = env_example() | {"GF_ADMIN_PASSWORD": "s3cret"} | overrides
+    env = env_example() | {"GF_ADMIN_PASSWORD": "s3cret", "LLMSLO_LOCUST_PASSWORD": "s3cret"} | overrides
     return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env)
 
 
@@ -127,6 +127,17 @@ def test_grafana_admin_password_is_required() -> None:
     assert env_example()["GF_ADMIN_PASSWORD"] == ""
 
 
+def test_locust_ui_requires_a_login_from_the_environment(compose: dict[str, Any]) -> None:
+    master = compose["services"]["locust-master"]
+    assert "--web-login" in master["command"], "the published UI must not start load tests for anyone"
+    assert master["environment"]["LLMSLO_LOCUST_PASSWORD"] == "s3cret"
+    assert master["environment"]["LLMSLO_LOCUST_USER"] == env_example()["LLMSLO_LOCUST_USER"]
+    with pytest.raises(ValueError, match="LLMSLO_LOCUST_PASSWORD"):
+        load_compose(LLMSLO_LOCUST_PASSWORD="")
+    assert env_example()["LLMSLO_LOCUST_PASSWORD"] == ""
+    assert (ROOT / "loadtest" / "web_login.py").exists(), "--web-login needs the login module in loadtest/"
+
+
 def test_every_mounted_file_exists(compose: dict[str, Any]) -> None:
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     for name, service in compose["services"].items():
@@ -155,9 +166,9 @@ def test_prometheus_targets_are_services(compose: dict[str, Any]) -> None:
     prometheus = compose["services"]["prometheus"]
     config_path = next(v.split(":")[0] for v in prometheus["volumes"] if v.endswith("prometheus.yml:ro"))
     config = yaml.safe_load((ROOT / config_path).read_text())
-    targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
+    targets = [t for job in config["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
     targets += [t for am in config["alerting"]["alertmanagers"] for sc in am["static_configs"] for t in sc["targets"]]
-    assert "serve:8080" in targets, "Ray's metrics export port must be scraped"
+    assert_ray_nodes_discovered(compose, config)
     for target in targets:
         if target.startswith("localhost:"):
             assert int(target.split(":")[1]) in container_ports(prometheus)
@@ -169,10 +180,26 @@ def test_prometheus_targets_are_services(compose: dict[str, Any]) -> None:
     assert list(rules_dir.glob("*.yml")), f"no rule files in {rules_dir}"
 
 
+def assert_ray_nodes_discovered(compose: dict[str, Any], config: dict[str, Any]) -> None:
+    """Job ``ray`` reads Ray's discovery file from the volume where every serve variant's Ray writes it."""
+    [ray_job] = [job for job in config["scrape_configs"] if job["job_name"] == "ray"]
+    [sd_file] = [f for sd in ray_job["file_sd_configs"] for f in sd["files"]]
+    folder = str(Path(sd_file).parent)
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["prometheus"]["volumes"]}
+    for name in ("serve-sim", "serve-gpu"):
+        service = compose["services"][name]
+        command = service["command"]
+        assert command[command.index("--temp-dir") + 1] == folder, f"{name}: Ray must write {sd_file}"
+        assert "--dashboard-port" in command, f"{name}: Ray's dashboard writes the discovery file"
+        serve_mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+        assert serve_mounts[folder] == mounts[folder], f"{name} and Prometheus must share {folder}"
+    assert Path(sd_file).name == "prom_metrics_service_discovery.json"
+
+
 def test_compose_prometheus_config_is_the_one_llmslo_up_writes() -> None:
     ports = Ports()
     expected = prometheus_config(
-        ray=f"serve:{ports.ray_metrics}",
+        ray_sd_file="/ray/prom_metrics_service_discovery.json",
         prometheus=f"localhost:{ports.prometheus}",
         rule_files=["/etc/prometheus/rules/*.yml"],
         alertmanager=f"alertmanager:{ports.alertmanager}",
@@ -215,6 +242,7 @@ def test_locust_points_at_serve_and_master(compose: dict[str, Any]) -> None:
     assert_reachable(compose, f"{host.hostname}:{host.port}", "locust --host")
     server_metrics = urlsplit(master[master.index("--server-metrics-url") + 1])
     assert_reachable(compose, f"{server_metrics.hostname}:{server_metrics.port}", "--server-metrics-url")
+    assert server_metrics.path == "/federate" and "job" in unquote(server_metrics.query), "every node, via Prometheus"
     worker = compose["services"]["locust-worker"]
     master_host = worker["command"][worker["command"].index("--master-host") + 1]
     assert_reachable(compose, f"{master_host}:5557", "locust worker --master-host")
@@ -241,7 +269,7 @@ def test_services_have_healthchecks_restart_and_dependencies(compose: dict[str, 
         for dep, cond in service.get("depends_on", {}).items():
             assert dep in compose["services"], f"{name} depends on unknown {dep}"
             assert cond["condition"] == "service_healthy"
-    assert set(compose["volumes"]) == {"prometheus-data", "grafana-data"}
+    assert set(compose["volumes"]) == {"prometheus-data", "grafana-data", "ray-sd"}
     assert "--web.enable-lifecycle" in compose["services"]["prometheus"]["command"]
 
 

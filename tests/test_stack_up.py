@@ -113,7 +113,7 @@ def test_local_grafana_reads_this_checkouts_dashboards(tmp_path: Path) -> None:
     """grafana-server is not on CI machines; the provisioning copy it would read is checked here."""
     import yaml
 
-    from llmslo.stack import ROOT, grafana_provisioning
+    from llmslo.catalogue import ROOT, grafana_provisioning
 
     target = grafana_provisioning(tmp_path)
     providers = [p for f in (target / "dashboards").glob("*.yml") for p in yaml.safe_load(f.read_text())["providers"]]

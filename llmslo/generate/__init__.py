@@ -1,4 +1,4 @@
-"""``llmslo generate [--check]``: write alerts/ and dashboards/ from slo.yaml.
+"""``llmslo generate [--check]``: write alerts/, dashboards/ and the PrometheusRule from slo.yaml.
 
 Every generated file is a pure function of slo.yaml and the metric-name
 constants, so ``--check`` re-renders in memory and lists the files on disk that
@@ -35,10 +35,10 @@ def to_yaml(data: object) -> str:
 
 def render(cfg: SLOConfig) -> dict[str, str]:
     """Relative path -> file content of everything the generator owns."""
-    from llmslo.generate import alertmanager, dashboards, grafana, rules
+    from llmslo.generate import alertmanager, dashboards, grafana, kubernetes, rules
 
     files = {RULES: to_yaml(rules.rule_file(cfg)), "alerts/alertmanager.yml": to_yaml(alertmanager.config()),
-             "alerts/README.md": rules.catalogue(cfg)}
+             "alerts/README.md": rules.catalogue(cfg), kubernetes.PATH: to_yaml(kubernetes.prometheus_rule(cfg))}
     for alert in rules.all_alerts(cfg):
         files[f"alerts/tests/{alert.name}.yml"] = to_yaml(rules.promtool_test(alert, f"../rules/{Path(RULES).name}"))
     files.update(dashboards.files(cfg))
