@@ -37,7 +37,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmslo.slo import load_slo  # noqa: E402
+from contract.slo import load_slo  # noqa: E402
 from llmslo.supervisor import descendants, free_port, reap  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 

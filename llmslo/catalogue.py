@@ -52,14 +52,16 @@ class Ports:
 
 def prometheus_config(
     *, ray: str | None = None, ray_sd_file: str | None = None, prometheus: str, rule_files: list[str],
-    alertmanager: str | None, locust: str | None,
+    alertmanager: str | None, locust: str | None, sd_on_loopback: bool = False,
 ) -> dict[str, Any]:
     """The one Prometheus configuration, for compose (deploy/prometheus.yml) and ``llmslo up``.
 
     Ray's nodes are one static target (``ray``), or, with ``ray_sd_file``, every node
     listed in Ray's own service-discovery file (``prom_metrics_service_discovery.json``,
-    which the head rewrites as nodes join and leave). Job names are the ones the
-    generated alert rules select on (contract/names.py).
+    which the head rewrites as nodes join and leave). ``sd_on_loopback``: every node runs
+    on this host, so its listed address (Ray registers the host's IP, not 127.0.0.1) is
+    scraped on 127.0.0.1 at the same port. Job names are the ones the generated alert
+    rules select on (contract/names.py).
     """
     from contract.names import CLIENT_JOB, SERVER_JOB
 
@@ -74,7 +76,11 @@ def prometheus_config(
         {"job_name": job, "static_configs": [{"targets": [target]}]} for job, target in jobs.items() if target
     ]
     if ray_sd_file:
-        config["scrape_configs"].insert(0, {"job_name": SERVER_JOB, "file_sd_configs": [{"files": [ray_sd_file]}]})
+        job: dict[str, Any] = {"job_name": SERVER_JOB, "file_sd_configs": [{"files": [ray_sd_file]}]}
+        if sd_on_loopback:
+            job["relabel_configs"] = [{"source_labels": ["__address__"], "regex": r".*:(\d+)",
+                                       "target_label": "__address__", "replacement": "127.0.0.1:${1}"}]
+        config["scrape_configs"].insert(0, job)
     return config
 
 
@@ -249,6 +255,7 @@ def _prometheus(binary: str, ports: Ports, run_dir: Path, *, with_alertmanager: 
         rule_files=[str(ROOT / "alerts" / "rules" / "*.yml")],
         alertmanager=f"127.0.0.1:{ports.alertmanager}" if with_alertmanager else None,
         locust=f"127.0.0.1:{ports.locust}",
+        sd_on_loopback=True,
     )
     path = run_dir / "prometheus.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
