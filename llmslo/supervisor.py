@@ -1,8 +1,9 @@
 """The process supervisor: start services, wait until each answers, stop every descendant.
 
-Knows nothing about which services exist (that is :mod:`llmslo.catalogue`);
-``llmslo up``, ``llmslo demo`` and ``llmslo serve`` share it so that a port
-check, a readiness wait and a process-tree kill are written once.
+Knows nothing about which services exist (that is :mod:`llmslo.catalogue`).
+The port check and the process-tree reaping live in :mod:`serve.processes`
+(``llmslo serve`` needs them and the server imports nothing of the CLI);
+they are written once and used here.
 
 Ray is why the stop is thorough: a Ray driver's raylet, GCS and workers outlive
 SIGTERM of their parent by seconds, and one that still holds a port answers
@@ -17,13 +18,13 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psutil
+
+from serve.processes import descendants, reap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,42 +38,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def port_taken(host: str, port: int) -> bool:
-    """True when a socket already listens on ``host:port``.
-
-    Binds with SO_REUSEADDR, as servers do, so a port in TIME_WAIT after a clean
-    stop counts as free and only a live listener counts as taken.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return True
-    return False
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    """Every live descendant of ``pid`` (psutil objects: safe against pid reuse)."""
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def reap(procs: Iterable[psutil.Process], grace_s: float) -> list[int]:
-    """Wait up to ``grace_s`` for ``procs`` to exit, then SIGTERM, then SIGKILL; returns pids that had to be killed."""
-    _, left = psutil.wait_procs([p for p in procs if _alive(p)], timeout=grace_s)
-    for p in left:
-        _quietly(p.terminate)
-    _, stragglers = psutil.wait_procs(left, timeout=5)
-    for p in stragglers:
-        _quietly(p.kill)
-    psutil.wait_procs(stragglers, timeout=5)
-    return [p.pid for p in left]
 
 
 @dataclass
@@ -202,24 +167,10 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _signal(pid: int, sig: signal.Signals) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
-        pass
-
-
-def _quietly(action: Any) -> None:
-    try:
-        action()
-    except psutil.NoSuchProcess:
         pass
 
 

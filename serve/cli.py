@@ -108,7 +108,7 @@ def export_env_vars(entry: dict[str, Any], environ: MutableMapping[str, str]) ->
 
 def taken_ports(http: dict[str, Any], metrics_port: int | None) -> list[str]:
     """``host:port`` of every port this server would listen on that something already holds."""
-    from llmslo.supervisor import port_taken
+    from serve.processes import port_taken
 
     host = http.get("host", "0.0.0.0")
     ports = [http["port"]] if metrics_port is None else [http["port"], metrics_port]
@@ -146,7 +146,7 @@ def stop_ray(grace_s: float) -> None:
     import ray
     from ray import serve
 
-    from llmslo.supervisor import descendants, reap
+    from serve.processes import descendants, reap
 
     ray_procs = descendants(os.getpid())
     try:

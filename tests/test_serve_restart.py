@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from conftest import REPO_ROOT, _wait_healthy, free_port
-from llmslo.supervisor import descendants, port_taken
+from serve.processes import descendants, port_taken
 
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
