@@ -86,7 +86,7 @@ def test_server_metrics_are_parsed_by_logical_name():
 def test_passing_run_exits_zero_and_failing_run_non_zero(tmp_path):
     common = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "12", "--short-share", "0.5")
     with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:
-        good = run_headless(url, tmp_path / "good", 8, "5s", *common, timeout=120)
+        good = run_headless(url, tmp_path / "good", 8, "10s", *common, timeout=120)  # >= 59 short replies
     assert good.returncode in (0, 3), good.output[-3000:]  # 3 only if this shared machine saturated the generator
     assert good.verdict.startswith("PASS"), good.summary["kpis"]
     assert good.summary["kpis"]["concurrency"]["value"] == 8
