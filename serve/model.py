@@ -33,7 +33,7 @@ from serve.engines.base import (
     Finish,
     GenerationRequest,
 )
-from serve.faults import Directive
+from serve.faults import STALL_AFTER_TOKENS, Directive
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
 from serve.settings import AppSettings
@@ -127,17 +127,21 @@ class ModelServer:
             if directive.oom:
                 raise EngineOOMError("injected out-of-memory (fault drill)", source="simulated")
             last = time.monotonic()
+            tokens = 0
             # aclosing: a cancelled request closes the engine's generator now, which frees its slot
             async with aclosing(self.engine.generate(request)) as stream:
                 async for item in stream:
                     if directive.slowdown > 1:
                         await asyncio.sleep((directive.slowdown - 1) * (time.monotonic() - last))
-                    last = time.monotonic()
                     if isinstance(item, Finish):
                         self.metrics.queue_wait.observe(routed_wait + item.queue_wait_s, self.metrics.tags)
                     yield item
                     if directive.error and isinstance(item, Delta):
                         raise EngineError("injected engine error (fault drill)")
+                    tokens += isinstance(item, Delta)
+                    if directive.stall_s and tokens == STALL_AFTER_TOKENS:
+                        time.sleep(directive.stall_s)  # the drill: a CPU-starved replica, nothing else runs
+                    last = time.monotonic()  # slowdown stretches the engine's time to the next item only
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every engine failure becomes a StreamError, never a dead replica
