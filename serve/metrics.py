@@ -26,6 +26,13 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   the ingress from the model replica (it is written to the client right away);
   modality is text | image | audio | image_audio. Only requests that produced a
   token are observed (also for ITL, TPOT and e2e).
+- ``ray_llmslo_ttft_hop_seconds{model,hop}``: the server's share of each
+  request's TTFT split by hop, from the per-hop timing (serve/timing_fields.py):
+  ``routing`` ingress received -> model replica started (validation, media
+  decoding, Ray's router), ``queue`` the engine's own queue, ``prefill`` the
+  rest until the engine's first token, ``relay`` engine's first token -> the
+  ingress handing its bytes to the HTTP server. Observed by the ingress when a
+  request ends, for requests that passed every hop.
 - ``ray_llmslo_itl_seconds{model}``: gap between consecutive token arrivals at
   the ingress, divided by the tokens the later arrival carries.
 - ``ray_llmslo_tpot_seconds{model}``: per request, (e2e - ttft) / (completion
@@ -60,6 +67,8 @@ REQUESTS = "ray_llmslo_requests_total"
 IN_FLIGHT = "ray_llmslo_requests_in_flight"
 QUEUE_WAIT = "ray_llmslo_queue_wait_seconds"
 TTFT = "ray_llmslo_ttft_seconds"
+TTFT_HOP = "ray_llmslo_ttft_hop_seconds"
+TTFT_HOPS = ("routing", "queue", "prefill", "relay")
 ITL = "ray_llmslo_itl_seconds"
 TPOT = "ray_llmslo_tpot_seconds"
 E2E = "ray_llmslo_e2e_seconds"
@@ -76,6 +85,7 @@ KV_CACHE_USAGE = "ray_llmslo_kv_cache_usage_ratio"
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.015, 0.018, 0.02, 1 / 45, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 E2E_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
+HOP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 2.5, 5.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -104,6 +114,7 @@ class ServerMetrics:
         self.in_flight = gauge(IN_FLIGHT, "Requests inside a model replica")
         self.queue_wait = histogram(QUEUE_WAIT, "Wait for an engine slot (s)", QUEUE_BUCKETS)
         self.ttft = histogram(TTFT, "Time to first token (s)", TTFT_BUCKETS, ("model", "modality"))
+        self.ttft_hop = histogram(TTFT_HOP, "TTFT split by hop (s)", HOP_BUCKETS, ("model", "hop"))
         self.itl = histogram(ITL, "Inter-token latency (s)", TOKEN_BUCKETS)
         self.tpot = histogram(TPOT, "Time per output token after the first (s)", TOKEN_BUCKETS)
         self.e2e = histogram(E2E, "End-to-end request time (s)", E2E_BUCKETS)

@@ -19,6 +19,7 @@ from langchain_openai import ChatOpenAI
 from openai import OpenAI
 from PIL import Image
 
+from serve import timing_fields as T
 from serve import tokens
 
 
@@ -207,6 +208,33 @@ def test_sse_bytes_follow_openai_layout(serve_app):
     assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 4
     assert {p["id"] for p in payloads} == {payloads[0]["id"]}
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_per_hop_timing_rides_in_usage_and_clients_ignore_it(serve_app, stream):
+    """usage.llmslo_timing (serve/timing_fields.py): milestones in path order; the openai client
+    keeps it as an extra, its models still validate in pydantic's strict mode, LangChain reads usage."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    sent = time.time()
+    kwargs = {"model": serve_app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+    if stream:
+        chunks = list(_client(serve_app).chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs))
+        last = chunks[-1]
+        ChatCompletionChunk.model_validate(last.model_dump(), strict=True)
+    else:
+        last = _client(serve_app).chat.completions.create(**kwargs)
+        ChatCompletion.model_validate(last.model_dump(), strict=True)
+    assert last.usage.completion_tokens == 6
+    timing = last.usage.model_extra[T.USAGE_KEY]
+    assert set(timing) == set(T.FIELDS)
+    assert sent <= timing[T.INGRESS_RECEIVED_UNIX] <= time.time()
+    assert 0 <= timing[T.REPLICA_STARTED] <= timing[T.ENGINE_FIRST_TOKEN] <= timing[T.INGRESS_FIRST_BYTE]
+    assert 0 <= timing[T.ENGINE_QUEUE_WAIT] <= timing[T.ENGINE_FIRST_TOKEN] - timing[T.REPLICA_STARTED]
+    reply = ChatOpenAI(model=serve_app.model, base_url=serve_app.api_base, api_key="EMPTY", max_tokens=6,
+                       streaming=stream, stream_usage=True).invoke("hi")
+    assert reply.usage_metadata["output_tokens"] == 6
 
 
 def test_models_and_health(serve_app):
