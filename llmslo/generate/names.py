@@ -17,6 +17,7 @@ REQUESTS = server.REQUESTS
 IN_FLIGHT = server.IN_FLIGHT
 QUEUE_WAIT = server.QUEUE_WAIT
 TTFT = server.TTFT
+TTFT_HOP = server.TTFT_HOP
 ITL = server.ITL
 TPOT = server.TPOT
 E2E = server.E2E

@@ -73,9 +73,9 @@ class SimulatedOptions(BaseModel):
     prefill_speed_sd: float = Field(0.047, ge=0, le=0.3)
     chunked_prefill: bool = False
     prefill_chunk_tokens: int = Field(256, ge=1)
-    itl_ms: float = Field(17.0, gt=0)
-    itl_batch_slope: float = Field(0.006, ge=0)
-    decode_speed_sd: float = Field(0.115, ge=0, le=0.3)
+    itl_ms: float = Field(16.8, gt=0)
+    itl_batch_slope: float = Field(0.004, ge=0)
+    decode_speed_sd: float = Field(0.12, ge=0, le=0.3)
     itl_jitter_ms: float = Field(0.8, ge=0)
     gpu_memory_gb: float = Field(48.0, gt=0)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
