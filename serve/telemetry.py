@@ -71,7 +71,8 @@ REPLICA_CAPACITY = "llmslo_replica_max_ongoing_requests"
 
 GPU_TAGS = ("gpu", "uuid", "model")
 PROCESS_TAGS = ("model", "component")
-INGRESS_DEPLOYMENT = "Ingress"  # serve/app.py's name of the ingress deployment
+INGRESS_DEPLOYMENT = "Ingress"  # serve/app.py's deployment names
+MODEL_DEPLOYMENT = "Model"
 TREE_REFRESH_S = 5.0  # how often the serving tree is re-discovered (replicas come and go)
 
 

@@ -160,7 +160,7 @@ def test_a_replica_stall_shows_up_in_the_clients_itl(serve_faults):
     from openai import OpenAI
 
     from conftest import SERVE_TIME_SCALE
-    from serve.engines.simulated import SimulatedOptions
+    from serve.engines.simulated import TIMER_SLACK_S, SimulatedOptions
 
     o = SimulatedOptions()
     min_step_s = (o.itl_ms * (1 - 3 * o.decode_speed_sd) - 2 * o.itl_jitter_ms) / 1000 * SERVE_TIME_SCALE
@@ -177,5 +177,7 @@ def test_a_replica_stall_shows_up_in_the_clients_itl(serve_faults):
     assert len(stamps) == tokens
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     assert max(gaps) >= stall_s / 2, "the stall did not reach the client's inter-token latency"
-    assert stamps[-1] - sent >= stall_s + (tokens - 1) * slowdown * min_step_s, "tokens caught up after the stall"
+    # the engine forgives only its own timer's overshoot (<= TIMER_SLACK_S in all), never the stall
+    bound = stall_s + slowdown * ((tokens - 1) * min_step_s - TIMER_SLACK_S)
+    assert stamps[-1] - sent >= bound, "tokens caught up after the stall"
     assert serve_faults.admin("GET").json()["stall_pending_s"] == 0  # one-shot

@@ -12,7 +12,7 @@ import statistics
 import time
 
 from serve.engines.base import Delta, Finish, GenerationRequest, Message
-from serve.engines.simulated import SimulatedEngine
+from serve.engines.simulated import TIMER_SLACK_S, SimulatedEngine
 
 
 def _request(rid: str, prompt_tokens: int = 16, max_tokens: int = 32, seed: int | None = None) -> GenerationRequest:
@@ -39,7 +39,7 @@ def test_tokens_after_a_stall_keep_their_pace():
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     step = engine.options.itl_ms / 1000
     assert gaps[4] >= 0.2
-    assert min(gaps[5:]) >= step * 0.99  # every later token still waits one step after the one before
+    assert min(gaps[5:]) >= step - TIMER_SLACK_S  # every later token still waits a step (less timer overshoot)
 
 
 def test_a_prefill_pauses_running_streams():

@@ -22,8 +22,9 @@ Model (all times multiplied by ``time_scale``; 1.0 = calibrated):
   ``itl_ms x g`` (``g`` ~ N(1, ``decode_speed_sd``), drawn per request) times
   ``(1 + itl_batch_slope x (min(b, max_batch) - 1)) x max(1, b / max_batch)`` with
   ``b`` sequences decoding, +- ``itl_jitter_ms`` per token. A step starts when
-  the previous token was taken by the consumer, so a stalled replica delays
-  every later token (no catch-up).
+  the previous token was taken by the consumer (less this engine's own timer
+  overshoot on it, at most 3 ms), so a stalled replica delays every later
+  token (no catch-up).
 - KV cache: ``kv_cache_gb`` (default: 2 x 24 GB x ``gpu_memory_utilization`` -
   weights - activations) in blocks of ``block_tokens`` at ``kv_bytes_per_token``
   (GLM-4-9B: 40 layers x 2 KV heads x 128 dims x K,V x fp16). A sequence takes
@@ -50,6 +51,10 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve.engines.base import Delta, EngineOOMError, EngineStats, Finish, GenerationRequest
+
+# asyncio.sleep(16.8 ms) took 18.3-19.2 ms on the 2-vCPU development VM: without forgiving the
+# timer's own overshoot every simulated step would cost it too (+10 %). Real seconds.
+TIMER_SLACK_S = 0.003
 
 _REASONING = "嗯 ， 用户 问 的 是 身份 问题 。 我 需要 说明 我 是 谁 ， 能 做 什么 ， 并且 保持 简洁 。".split()
 _INTRO = "我是 AutoGLM-Phone-9B ， 一个 运行 在 模拟 引擎 上 的 多模态 手机 助手 模型 。".split()
@@ -142,6 +147,8 @@ class _Sequence:
     decoding: bool = False  # past its (re)computed prefill, in the decode batch
     preempted: bool = False
     pause_mark: float = 0.0  # the engine's GPU pause total when this sequence last accounted for it
+    step_end: float = 0.0  # monotonic time its last step was due to end (the simulated GPU's clock)
+    woke: float = 0.0  # monotonic time the engine's timer actually returned for that step
     admitted: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -287,6 +294,7 @@ class SimulatedEngine:
             await self._use_gpu(gpu_ms * min(chunk, tokens - done) / tokens)
         seq.decoding = not seq.preempted
         seq.pause_mark = self._paused_s
+        seq.step_end = seq.woke = time.monotonic()
 
     async def _use_gpu(self, ms: float) -> None:
         """Reserve the GPU for a prefill after the ones before it; decoders wait the same time."""
@@ -298,13 +306,20 @@ class SimulatedEngine:
         await asyncio.sleep(end - now)
 
     async def _decode_step(self, seq: _Sequence) -> None:
-        """One step of ``seq``, started now (the previous token was just taken), plus any prefill pauses."""
+        """One step of ``seq`` plus any prefill pauses. It starts when the consumer took the previous
+        token (now), less this engine's own timer overshoot on that token (at most ``TIMER_SLACK_S``):
+        the consumer's delay, however long, is never made up."""
         o = self.options
-        await self._sleep_ms(_clipped(seq.plan.rng, self._batch_step_ms(seq.step_ms), o.itl_jitter_ms, 2))
+        step_s = _clipped(seq.plan.rng, self._batch_step_ms(seq.step_ms), o.itl_jitter_ms, 2) / 1000 * o.time_scale
+        now = time.monotonic()
+        overshoot = min(TIMER_SLACK_S, max(0.0, seq.woke - seq.step_end))
+        seq.step_end = now - overshoot + step_s
+        await asyncio.sleep(seq.step_end - now)
         while self._paused_s > seq.pause_mark and not seq.preempted:
-            pause = self._paused_s - seq.pause_mark
+            seq.step_end += self._paused_s - seq.pause_mark
             seq.pause_mark = self._paused_s
-            await asyncio.sleep(pause)
+            await asyncio.sleep(max(0.0, seq.step_end - time.monotonic()))
+        seq.woke = time.monotonic()
 
     def _decoding_count(self) -> int:
         return sum(s.decoding for s in self._running)
