@@ -21,6 +21,8 @@ REQUESTS = "ray_llmslo_requests_total"
 IN_FLIGHT = "ray_llmslo_requests_in_flight"
 QUEUE_WAIT = "ray_llmslo_queue_wait_seconds"
 TTFT = "ray_llmslo_ttft_seconds"
+TTFT_HOP = "ray_llmslo_ttft_hop_seconds"
+TTFT_HOPS = ("routing", "queue", "prefill", "relay")  # the hop label's values, in path order
 ITL = "ray_llmslo_itl_seconds"
 TPOT = "ray_llmslo_tpot_seconds"
 E2E = "ray_llmslo_e2e_seconds"
@@ -38,6 +40,7 @@ KV_CACHE_USAGE = "ray_llmslo_kv_cache_usage_ratio"
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.015, 0.018, 0.02, 1 / 45, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 E2E_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
+HOP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 2.5, 5.0)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 # --- GPU and CPU telemetry (serve/telemetry.py) --------------------------------

@@ -38,6 +38,9 @@ from contract.slo import SLOConfig, load_slo
 
 # Ray exports metrics every 10 s by default: too coarse for a 2-minute run's snapshot.
 SERVE_DEFAULTS = ["--metrics-interval-ms", "2000"]
+# One model replica = one copy of the model = the seed's platform, the same at every step, so the
+# levels are comparable (autoscaling added replicas mid-run); --autoscale restores Serve's autoscaling.
+FIXED_REPLICAS = ["--replicas", "1"]
 # The seed's benchmark is 512 input tokens. Images are prompt tokens too (one per 28 x 28 px,
 # serve/tokens.py) and every prompt token costs prefill time, so the demo sends one image of
 # 224-448 px (64-256 tokens) per image request: image requests stay near the seed's shape.
@@ -150,6 +153,7 @@ def watch(locust: supervisor.Service, the_stack: supervisor.Stack, steps: list[i
 def _series_queries() -> dict[str, str]:
     """PromQL for the server and GPU snapshot, on the exported names the alerts use."""
     from contract import names as n
+    from serve.telemetry import MODEL_DEPLOYMENT
 
     return {
         "requests_in_flight": f"sum({n.IN_FLIGHT})",
@@ -160,6 +164,7 @@ def _series_queries() -> dict[str, str]:
         "kv_cache_usage_ratio": f"max({n.KV_CACHE_USAGE})",
         "oom_events_total": f"sum({n.OOM_EVENTS})",
         "replica_crashes_total": f"sum({n.REPLICA_CRASHES})",
+        "model_replicas_serving": f'count({n.SERVE_REPLICA_HEALTHY}{{deployment="{MODEL_DEPLOYMENT}"}} == 1)',
         "process_cpu_percent": f"sum by (component) ({n.PROCESS_CPU})",
         "gpu_memory_used_bytes": f"sum by (gpu) ({n.GPU_MEMORY_USED})",
         "gpu_utilization_ratio": f"max by (gpu) ({n.GPU_UTILIZATION})",
@@ -240,6 +245,8 @@ def _parser(slo: SLOConfig) -> argparse.ArgumentParser:
     parser.add_argument("--step-duration", default=f"{TARGET_STEP_S},{HEADROOM_STEP_S}",
                         help="seconds per step, one for all or one per step (default: %(default)s)")
     parser.add_argument("--report-dir", type=Path, help="report folder (default: reports/demo-<time>)")
+    parser.add_argument("--autoscale", action="store_true",
+                        help="let Ray Serve autoscale the model replicas (default: one fixed replica)")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                         help="extra argument for `llmslo serve` (repeatable)")
     parser.add_argument("--locust-arg", action="append", default=[], metavar="ARG",
@@ -252,7 +259,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     report_dir = (args.report_dir or catalogue.default_run_dir("demo")).resolve()
     ports = catalogue.Ports.free()
     the_plan = catalogue.plan(ports, report_dir / "stack", locust_ui=False, grafana=False,
-                          serve_args=[*SERVE_DEFAULTS, *args.serve_arg])
+                          serve_args=[*SERVE_DEFAULTS, *([] if args.autoscale else FIXED_REPLICAS), *args.serve_arg])
     for line in the_plan.missing:
         console.print(f"[yellow]llmslo demo: {line}[/]")
     durations = step_durations(args.step_duration, len(steps))

@@ -17,13 +17,14 @@ from ray.serve import Application
 from serve.ingress import Ingress
 from serve.model import ModelServer
 from serve.settings import AppSettings
+from serve.telemetry import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT
 
 
 def build_app(args: dict[str, Any]) -> Application:
     settings = AppSettings.model_validate(args or {})
     payload = settings.model_dump()
-    model = serve.deployment(ModelServer, name="Model").options(**settings.model_deployment_options())
-    ingress = serve.deployment(Ingress, name="Ingress").options(
+    model = serve.deployment(ModelServer, name=MODEL_DEPLOYMENT).options(**settings.model_deployment_options())
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(
         num_replicas=1,
         max_ongoing_requests=settings.ingress_max_ongoing_requests,
         ray_actor_options={"num_cpus": settings.ingress_cpus},

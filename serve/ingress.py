@@ -37,7 +37,7 @@ from serve.errors import APIError, ErrorResponse, invalid, server_error
 from serve.faults import FaultSpec, FaultState
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
-from serve.model import ReplicaHello, StreamError
+from serve.model import ReplicaHello, ReplicaTiming, StreamError
 from serve.observe import RequestRecord
 from serve.openai_format import DONE, ChunkWriter, completion, delta_fields
 from serve.schema import ChatCompletionRequest, Prepared, parse_body, prepare, validation_error
@@ -207,9 +207,11 @@ class Ingress:
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
             )
-        rec.close(200)
         shown = reasoning if prepared.generation.thinking and prepared.return_reasoning else None
-        return JSONResponse(completion(rec.request_id, self.model_name, content, shown, finish), headers=headers)
+        rec.mark_first_byte()  # a plain answer's first byte is its whole body
+        body = completion(rec.request_id, self.model_name, content, shown, finish, rec.timing())
+        rec.close(200)
+        return JSONResponse(body, headers=headers)
 
     # ---- admin / fault injection -------------------------------------------
 
@@ -269,7 +271,10 @@ class Ingress:
         try:
             async for item in stream:
                 if isinstance(item, ReplicaHello):
-                    rec.replica = item.replica_id
+                    rec.replica, rec.replica_started_unix = item.replica_id, item.started_at
+                    continue
+                if isinstance(item, ReplicaTiming):
+                    rec.engine_first_token_unix, rec.engine_queue_wait_s = item.first_token_at, item.queue_wait_s
                     continue
                 if isinstance(item, StreamError):
                     status, code = _STREAM_ERRORS[item.kind]
@@ -302,10 +307,11 @@ class Ingress:
                 delta = delta_fields(item, prepared.return_reasoning)
                 if delta:
                     yield writer.chunk(delta)
+                    rec.mark_first_byte()  # resumed: Starlette has passed the chunk on
                 item = await self._next(items)
             yield writer.chunk({}, item.reason)
             if prepared.include_usage:
-                yield writer.usage_chunk(item)
+                yield writer.usage_chunk(item, rec.timing())
             rec.close(200)
         except APIError as err:
             rec.close(err.status, err.code)

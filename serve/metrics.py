@@ -26,6 +26,13 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   the ingress from the model replica (it is written to the client right away);
   modality is text | image | audio | image_audio. Only requests that produced a
   token are observed (also for ITL, TPOT and e2e).
+- ``ray_llmslo_ttft_hop_seconds{model,hop}``: the server's share of each
+  request's TTFT split by hop, from the per-hop timing (contract/timing.py):
+  ``routing`` ingress received -> model replica started (validation, media
+  decoding, Ray's router), ``queue`` the engine's own queue, ``prefill`` the
+  rest until the engine's first token, ``relay`` engine's first token -> the
+  ingress handing its bytes to the HTTP server. Observed by the ingress when a
+  request ends, for requests that passed every hop.
 - ``ray_llmslo_itl_seconds{model}``: gap between consecutive token arrivals at
   the ingress, divided by the tokens the later arrival carries.
 - ``ray_llmslo_tpot_seconds{model}``: per request, (e2e - ttft) / (completion
@@ -56,10 +63,10 @@ from __future__ import annotations
 from ray.serve import metrics as ray_metrics
 
 from contract.names import (  # noqa: F401 (the names are this module's documented vocabulary)
-    REQUESTS, IN_FLIGHT, QUEUE_WAIT, TTFT, ITL,
+    REQUESTS, IN_FLIGHT, QUEUE_WAIT, TTFT, TTFT_HOP, TTFT_HOPS, ITL,
     TPOT, E2E, PROMPT_TOKENS, COMPLETION_TOKENS, REASONING_TOKENS,
     MULTIMODAL_INPUTS, OOM_EVENTS, REPLICA_STARTS, REPLICA_CRASHES, BUILD_INFO,
-    KV_CACHE_USAGE, TTFT_BUCKETS, TOKEN_BUCKETS, E2E_BUCKETS, QUEUE_BUCKETS,
+    KV_CACHE_USAGE, TTFT_BUCKETS, TOKEN_BUCKETS, E2E_BUCKETS, HOP_BUCKETS, QUEUE_BUCKETS,
     logical,
 )
 
@@ -84,6 +91,7 @@ class ServerMetrics:
         self.in_flight = gauge(IN_FLIGHT, "Requests inside a model replica")
         self.queue_wait = histogram(QUEUE_WAIT, "Wait for an engine slot (s)", QUEUE_BUCKETS)
         self.ttft = histogram(TTFT, "Time to first token (s)", TTFT_BUCKETS, ("model", "modality"))
+        self.ttft_hop = histogram(TTFT_HOP, "TTFT split by hop (s)", HOP_BUCKETS, ("model", "hop"))
         self.itl = histogram(ITL, "Inter-token latency (s)", TOKEN_BUCKETS)
         self.tpot = histogram(TPOT, "Time per output token after the first (s)", TOKEN_BUCKETS)
         self.e2e = histogram(E2E, "End-to-end request time (s)", E2E_BUCKETS)

@@ -33,7 +33,7 @@ from serve.engines.base import (
     Finish,
     GenerationRequest,
 )
-from serve.faults import Directive
+from serve.faults import STALL_AFTER_TOKENS, Directive
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
 from serve.settings import AppSettings
@@ -48,9 +48,19 @@ GAUGE_REFRESH_S = 0.5
 
 @dataclass(frozen=True)
 class ReplicaHello:
-    """First item of every stream: which replica serves the request."""
+    """First item of every stream: which replica serves the request, and since when (``time.time()``)."""
 
     replica_id: str
+    started_at: float
+
+
+@dataclass(frozen=True)
+class ReplicaTiming:
+    """Sent just before Finish: when the engine's first token came (``time.time()``, None without
+    a token) and how long the request waited in the engine's own queue (per-hop timing)."""
+
+    first_token_at: float | None
+    queue_wait_s: float
 
 
 @dataclass(frozen=True)
@@ -104,14 +114,15 @@ class ModelServer:
 
     async def generate(
         self, request: GenerationRequest, directive: Directive, sent_at: float
-    ) -> AsyncIterator[ReplicaHello | Delta | Finish | StreamError]:
+    ) -> AsyncIterator[ReplicaHello | ReplicaTiming | Delta | Finish | StreamError]:
         """Stream one request: hello, deltas, then Finish or StreamError.
 
         ``sent_at`` is the ingress's ``time.time()`` when it dispatched the request:
         the wait in Ray Serve's router (all replicas at ``max_ongoing_requests``)
         is part of the queue wait, which the engine's own queue wait completes."""
-        routed_wait = max(0.0, time.time() - sent_at)
-        yield ReplicaHello(self.replica_id)
+        started_at = time.time()
+        routed_wait = max(0.0, started_at - sent_at)
+        yield ReplicaHello(self.replica_id, started_at)
         self._in_flight += 1
         self._publish_gauges()
         try:
@@ -127,17 +138,25 @@ class ModelServer:
             if directive.oom:
                 raise EngineOOMError("injected out-of-memory (fault drill)", source="simulated")
             last = time.monotonic()
+            tokens = 0
+            first_token_at: float | None = None
             # aclosing: a cancelled request closes the engine's generator now, which frees its slot
             async with aclosing(self.engine.generate(request)) as stream:
                 async for item in stream:
                     if directive.slowdown > 1:
                         await asyncio.sleep((directive.slowdown - 1) * (time.monotonic() - last))
-                    last = time.monotonic()
                     if isinstance(item, Finish):
                         self.metrics.queue_wait.observe(routed_wait + item.queue_wait_s, self.metrics.tags)
+                        yield ReplicaTiming(first_token_at, item.queue_wait_s)
+                    elif first_token_at is None:
+                        first_token_at = time.time()
                     yield item
                     if directive.error and isinstance(item, Delta):
                         raise EngineError("injected engine error (fault drill)")
+                    tokens += isinstance(item, Delta)
+                    if directive.stall_s and tokens == STALL_AFTER_TOKENS:
+                        time.sleep(directive.stall_s)  # the drill: a CPU-starved replica, nothing else runs
+                    last = time.monotonic()  # slowdown stretches the engine's time to the next item only
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every engine failure becomes a StreamError, never a dead replica

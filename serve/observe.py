@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from contract import timing as T
 from serve.engines.base import Delta, Finish
 from serve.metrics import ServerMetrics
 
@@ -36,6 +37,11 @@ class RequestRecord:
     modality: str = "text"
     replica: str | None = None
     started: float = field(default_factory=time.monotonic)
+    started_unix: float = field(default_factory=time.time)
+    replica_started_unix: float | None = None
+    engine_first_token_unix: float | None = None
+    engine_queue_wait_s: float | None = None
+    first_byte: float | None = None  # the first token's bytes handed to the HTTP server
     first_token: float | None = None
     last_token: float | None = None
     prompt_tokens: int = 0
@@ -63,6 +69,38 @@ class RequestRecord:
                 self.metrics.itl.observe(gap, self.metrics.tags)
         self.last_token = now
 
+    def mark_first_byte(self) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+
+    def timing(self) -> dict[str, float | None]:
+        """The per-hop timing object of contract/timing.py (None where a hop never happened)."""
+
+        def since_received(unix: float | None) -> float | None:
+            return None if unix is None else round(unix - self.started_unix, 6)
+
+        return {
+            T.INGRESS_RECEIVED_UNIX: round(self.started_unix, 6),
+            T.REPLICA_STARTED: since_received(self.replica_started_unix),
+            T.ENGINE_QUEUE_WAIT: None if self.engine_queue_wait_s is None else round(self.engine_queue_wait_s, 6),
+            T.ENGINE_FIRST_TOKEN: since_received(self.engine_first_token_unix),
+            T.INGRESS_FIRST_BYTE: None if self.first_byte is None else round(self.first_byte - self.started, 6),
+        }
+
+    def _observe_hops(self) -> None:
+        """TTFT split into hops (``ray_llmslo_ttft_hop_seconds``), for requests that had every hop."""
+        t = self.timing()
+        if any(v is None for v in t.values()):
+            return
+        hops = {
+            "routing": t[T.REPLICA_STARTED],
+            "queue": t[T.ENGINE_QUEUE_WAIT],
+            "prefill": t[T.ENGINE_FIRST_TOKEN] - t[T.REPLICA_STARTED] - t[T.ENGINE_QUEUE_WAIT],
+            "relay": t[T.INGRESS_FIRST_BYTE] - t[T.ENGINE_FIRST_TOKEN],
+        }
+        for hop, seconds in hops.items():
+            self.metrics.ttft_hop.observe(max(0.0, seconds), {**self.metrics.tags, "hop": hop})
+
     def close(self, code: int, error_code: str | None = None) -> None:
         """Record the outcome once: counters, latency histograms, one log line."""
         if self.closed:
@@ -76,6 +114,7 @@ class RequestRecord:
         ttft = None if self.first_token is None else self.first_token - self.started
         if ttft is not None:
             m.ttft.observe(ttft, {**tags, "modality": self.modality})
+            self._observe_hops()
             m.e2e.observe((self.last_token or end) - self.started, tags)
             if self.completion_tokens > 1 and self.last_token is not None:
                 m.tpot.observe((self.last_token - self.first_token) / (self.completion_tokens - 1), tags)

@@ -16,6 +16,7 @@ from typing import Any
 
 from serve.engines.base import Delta, Finish
 from serve.errors import APIError
+from contract.timing import USAGE_KEY
 
 DONE = b"data: [DONE]\n\n"
 
@@ -24,12 +25,15 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def usage(finish: Finish) -> dict[str, Any]:
+def usage(finish: Finish, timing: dict[str, float | None]) -> dict[str, Any]:
+    """OpenAI's usage object plus the server's per-hop timing (contract/timing.py), which
+    OpenAI clients keep as an unknown extra."""
     return {
         "prompt_tokens": finish.prompt_tokens,
         "completion_tokens": finish.completion_tokens,
         "total_tokens": finish.prompt_tokens + finish.completion_tokens,
         "completion_tokens_details": {"reasoning_tokens": finish.reasoning_tokens},
+        USAGE_KEY: timing,
     }
 
 
@@ -68,7 +72,7 @@ class ChunkWriter:
     def role(self) -> bytes:
         return self.chunk({"role": "assistant", "content": ""})
 
-    def usage_chunk(self, finish: Finish) -> bytes:
+    def usage_chunk(self, finish: Finish, timing: dict[str, float | None]) -> bytes:
         return _sse(
             {
                 "id": self.completion_id,
@@ -76,7 +80,7 @@ class ChunkWriter:
                 "created": self.created,
                 "model": self.model,
                 "choices": [],
-                "usage": usage(finish),
+                "usage": usage(finish, timing),
             }
         )
 
@@ -86,7 +90,8 @@ class ChunkWriter:
 
 
 def completion(
-    completion_id: str, model: str, content: str, reasoning: str | None, finish: Finish
+    completion_id: str, model: str, content: str, reasoning: str | None, finish: Finish,
+    timing: dict[str, float | None],
 ) -> dict[str, Any]:
     """A non-streamed ``chat.completion`` object."""
     message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -99,5 +104,5 @@ def completion(
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish.reason}],
-        "usage": usage(finish),
+        "usage": usage(finish, timing),
     }

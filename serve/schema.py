@@ -280,7 +280,8 @@ async def _message(msg: ChatMessage, settings: AppSettings, where: str) -> Messa
         elif isinstance(part, ImagePart):
             images.append(await media.image_from_url(part.image_url.url, limits, f"{param}.image_url"))
         else:
-            audios.append(media.decode_audio(part.input_audio.data, part.input_audio.format, limits, f"{param}.input_audio"))
+            audios.append(await media.audio_from_part(part.input_audio.data, part.input_audio.format, limits,
+                                                      f"{param}.input_audio"))
     if (images or audios) and msg.role != "user":
         raise invalid(f"{where}: only user messages may carry images or audio", f"{where}.content")
     return Message(role=msg.role, text="\n".join(texts), images=tuple(images), audios=tuple(audios))

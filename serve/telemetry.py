@@ -17,9 +17,15 @@ Exported names (logical, before Ray's prefix), BRIEF contract 2:
 - ``llmslo_gpu_energy_joules_total`` counter: joules used since this process
   started sampling (from NVML's total-energy counter, mJ -> J)
 - ``llmslo_nvml_available{model,component}`` 1 when NVML answered, else 0
-- ``llmslo_process_cpu_percent{model,component}``: this process's CPU time over
-  the last sampling interval as a share of the whole machine (100 = every
-  logical CPU busy), the reading the "CPU < 70 %" KPI is judged on.
+- ``llmslo_process_cpu_percent{model,component}``: CPU time of this node's
+  serving processes of one role over the last sampling interval, as a share of
+  the whole machine (100 = every logical CPU busy). Roles (``component``):
+  ``ingress``, ``replica`` (model replicas), ``http_proxy``,
+  ``serve_controller``, ``raylet``, ``gcs``, ``ray_other`` (dashboard, agents,
+  monitors, idle workers). ``sum by (instance)`` is the whole serving tree of a
+  node, the reading the "CPU < 70 %" KPI and the CPUHigh alert are judged on.
+  One serving process per node publishes it (the holder of a file lock, see
+  :class:`NodeLock`), so nothing is counted twice.
 - ``llmslo_replica_max_ongoing_requests{model,component}``: inside a Serve
   replica, the deployment's ``max_ongoing_requests``; summed over live replicas
   it is the serving capacity the "≥ 8 concurrent requests" alert watches.
@@ -31,11 +37,15 @@ idle GPU) and ``llmslo_nvml_available 0``. A field the GPU does not support
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import psutil
@@ -56,6 +66,9 @@ DEFAULT_INTERVAL_S = 0.5
 
 GPU_TAGS = ("gpu", "uuid", "model")
 PROCESS_TAGS = ("model", "component")
+INGRESS_DEPLOYMENT = "Ingress"  # serve/app.py's deployment names
+MODEL_DEPLOYMENT = "Model"
+TREE_REFRESH_S = 5.0  # how often the serving tree is re-discovered (replicas come and go)
 
 
 @dataclass(frozen=True)
@@ -145,34 +158,158 @@ class NvmlReader:
         )
 
 
+def process_role(name: str, title: str) -> str:
+    """Role of a serving-tree process, from its name and Ray's process title (``ray::...``)."""
+    if "ServeReplica:" in title:  # ray::ServeReplica:<app>:<deployment>[.<method>]
+        return "ingress" if title.rsplit(":", 1)[1].split(".")[0] == INGRESS_DEPLOYMENT else "replica"
+    for prefix, role in (("ray::ProxyActor", "http_proxy"), ("ray::ServeController", "serve_controller")):
+        if title.startswith(prefix):
+            return role
+    return {"raylet": "raylet", "gcs_server": "gcs"}.get(name, "ray_other")
+
+
+Tree = dict[int, tuple[str, psutil.Process]]  # pid -> (role, process)
+
+
+def local_raylet() -> psutil.Process | None:
+    """The raylet that started this process (a Ray worker's parent); None outside a Ray worker."""
+    try:
+        parent = psutil.Process().parent()
+        return parent if parent is not None and parent.name() == "raylet" else None
+    except psutil.Error:
+        return None
+
+
+class ServingTree:
+    """This node's serving processes: the raylet, everything it started (Serve replicas,
+    HTTP proxy, Serve controller, agents, workers) and the processes of the same Ray
+    session beside it (GCS, dashboard, monitors: their command lines name the session
+    directory). The driver that started Ray (``llmslo serve``, which only waits) is not
+    counted. Re-discovered every ``refresh_s``."""
+
+    def __init__(self, raylet: psutil.Process, refresh_s: float = TREE_REFRESH_S) -> None:
+        self._raylet = raylet
+        match = re.search(r"(/\S*?/session_[^/\s]+)", " ".join(raylet.cmdline()))
+        self._session = match[1] if match else None
+        self._refresh_s = refresh_s
+        self._found_at = float("-inf")
+        self._tree: Tree = {}
+
+    def __call__(self) -> Tree:
+        if time.monotonic() - self._found_at >= self._refresh_s:
+            self._tree = self._discover()
+            self._found_at = time.monotonic()
+        return self._tree
+
+    def _discover(self) -> Tree:
+        procs = [self._raylet, *self._raylet.children(recursive=True)]
+        parent = self._raylet.parent()
+        if self._session:
+            beside = parent.children() if parent is not None and parent.pid != 1 else psutil.process_iter()
+            for proc in beside:
+                if proc.pid != self._raylet.pid and self._session in " ".join(_cmdline(proc)):
+                    procs += [proc, *_children(proc)]
+        tree: Tree = {}
+        for proc in procs:
+            try:
+                tree[proc.pid] = (process_role(proc.name(), (_cmdline(proc) or [""])[0]), proc)
+            except psutil.Error:
+                continue
+        return tree
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
 class CpuReader:
-    """This process's CPU use since the previous reading, as a share of the whole machine.
+    """CPU use of a set of processes since the previous reading, per role, as a share of
+    the whole machine.
 
     CPU time advances in scheduler ticks (10 ms), so a window of a few
     milliseconds turns one tick into hundreds of percent (the sampler's first
     reading came right after start-up and showed 1119 %). Readings over less
     than ``min_window_s`` are withheld: ``read`` returns the last full-window
-    value, or None before there is one.
+    value, or None before there is one. A process first seen in a window only
+    sets its baseline (its earlier CPU is not this window's).
     """
 
-    def __init__(self, min_window_s: float = 0.5) -> None:
-        self._process = psutil.Process()
+    def __init__(self, processes: Callable[[], Tree], min_window_s: float = 0.5) -> None:
+        self._processes = processes
         self._cpus = psutil.cpu_count() or 1
         self._min_window_s = min_window_s
-        self._last = self._clock()
-        self._value: float | None = None
+        self._last_wall = time.monotonic()
+        self._last = self._cpu_seconds()
+        self._value: dict[str, float] | None = None
 
-    def _clock(self) -> tuple[float, float]:
-        times = self._process.cpu_times()
-        return time.monotonic(), times.user + times.system
+    def _cpu_seconds(self) -> dict[int, tuple[str, float]]:
+        out: dict[int, tuple[str, float]] = {}
+        for pid, (role, proc) in self._processes().items():
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            out[pid] = (role, times.user + times.system)
+        return out
 
-    def read(self) -> float | None:
-        wall, cpu = self._clock()
-        last_wall, last_cpu = self._last
-        if wall - last_wall >= self._min_window_s:
-            self._value = 100.0 * (cpu - last_cpu) / (wall - last_wall) / self._cpus
-            self._last = (wall, cpu)
+    def read(self) -> dict[str, float] | None:
+        wall = time.monotonic()
+        if wall - self._last_wall < self._min_window_s:
+            return self._value
+        now = self._cpu_seconds()
+        used: dict[str, float] = {}
+        for pid, (role, seconds) in now.items():
+            used[role] = used.get(role, 0.0) + (seconds - self._last[pid][1] if pid in self._last else 0.0)
+        self._value = {role: 100.0 * s / (wall - self._last_wall) / self._cpus for role, s in used.items()}
+        self._last_wall, self._last = wall, now
         return self._value
+
+
+class NodeLock:
+    """Elects the one serving process per node that publishes the node's serving CPU:
+    every serving process tries to take this file lock (non-blocking) at each sample;
+    the kernel releases it when the holder dies, and the next try takes over."""
+
+    def __init__(self, key: str) -> None:
+        self._path = Path(tempfile.gettempdir()) / f"llmslo-serving-cpu-{key}.lock"
+        self._fd: int | None = None
+
+    def held(self) -> bool:
+        if self._fd is None:
+            fd = os.open(self._path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._fd = fd
+        return True
+
+
+class NodeCpu:
+    """The node's serving-tree CPU by role while this process holds the node lock, else None."""
+
+    def __init__(self, raylet: psutil.Process) -> None:
+        self._raylet = raylet
+        self._lock = NodeLock(f"{raylet.pid}-{int(raylet.create_time())}")
+        self._reader: CpuReader | None = None
+
+    def read(self) -> dict[str, float] | None:
+        if not self._lock.held():
+            return None
+        if self._reader is None:  # discovery costs only in the elected process
+            self._reader = CpuReader(ServingTree(self._raylet))
+        return self._reader.read()
 
 
 def serve_replica_capacity() -> int | None:
@@ -192,6 +329,7 @@ class RayPublisher:
 
     def __init__(self, model: str, component: str) -> None:
         from ray.serve.metrics import Counter, Gauge  # adds replica labels inside Serve
+        from ray.util import metrics as node_metrics  # no replica labels: one series per node and role
 
         self._model = model
         self._gauges = {name: Gauge(logical(name), description=desc, tag_keys=GPU_TAGS) for name, desc in (
@@ -207,17 +345,18 @@ class RayPublisher:
         self._last_energy: dict[str, float] = {}
         self._nvml = Gauge(logical(NVML_AVAILABLE), description="1 when NVML answered in this process, else 0",
                            tag_keys=PROCESS_TAGS)
-        self._cpu = Gauge(logical(PROCESS_CPU), description="process CPU use as a share of all logical CPUs, percent",
-                          tag_keys=PROCESS_TAGS)
+        self._cpu = node_metrics.Gauge(logical(PROCESS_CPU), tag_keys=PROCESS_TAGS,
+                                       description="CPU of this node's serving processes of one role, "
+                                                   "share of all logical CPUs, percent")
         self._capacity = Gauge(logical(REPLICA_CAPACITY), description="max_ongoing_requests of this Serve replica",
                                tag_keys=PROCESS_TAGS)
         self._process_tags = {"model": model, "component": component}
         self._max_ongoing = serve_replica_capacity()
 
-    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu_percent: float | None) -> None:
+    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu: dict[str, float] | None) -> None:
         self._nvml.set(1.0 if nvml_available else 0.0, tags=dict(self._process_tags))
-        if cpu_percent is not None:
-            self._cpu.set(cpu_percent, tags=dict(self._process_tags))
+        for role, percent in (cpu or {}).items():
+            self._cpu.set(percent, tags={"model": self._model, "component": role})
         if self._max_ongoing is not None:
             self._capacity.set(float(self._max_ongoing), tags=dict(self._process_tags))
         for gpu in gpus:
@@ -270,14 +409,15 @@ class TelemetrySampler:
                  publisher: RayPublisher | None = None) -> None:
         self.interval_s = interval_s
         self.nvml = NvmlReader(visible_devices())
-        self.cpu = CpuReader()
+        raylet = local_raylet()
+        self.cpu = NodeCpu(raylet) if raylet is not None else None  # outside a Ray worker: no node to report
         self.publisher = publisher or RayPublisher(model, component)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llmslo-telemetry", daemon=True)
 
     def sample_once(self) -> None:
         gpus = self.nvml.read()
-        self.publisher.publish(self.nvml.available, gpus, self.cpu.read())
+        self.publisher.publish(self.nvml.available, gpus, self.cpu.read() if self.cpu else None)
 
     def _run(self) -> None:
         while True:

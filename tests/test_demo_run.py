@@ -63,6 +63,9 @@ def test_short_demo_leaves_a_complete_report(tmp_path: Path) -> None:
     if shutil.which("prometheus"):
         snapshot = json.loads((report / "server_metrics.json").read_text())
         assert snapshot["series"]["requests_in_flight"]["result"], "Prometheus saw the server during the run"
+        serving = {float(v) for series in snapshot["series"]["model_replicas_serving"]["result"]
+                   for _, v in series["values"]}
+        assert serving == {1.0}, "the demo serves one fixed model replica"
     platform = json.loads((report / "platform.json").read_text())
     assert platform["engine"] == "simulated"
 

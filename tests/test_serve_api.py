@@ -19,6 +19,7 @@ from langchain_openai import ChatOpenAI
 from openai import OpenAI
 from PIL import Image
 
+from contract import timing as T
 from serve import tokens
 
 
@@ -209,6 +210,33 @@ def test_sse_bytes_follow_openai_layout(serve_app):
     assert all(p["object"] == "chat.completion.chunk" for p in payloads)
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_per_hop_timing_rides_in_usage_and_clients_ignore_it(serve_app, stream):
+    """usage.llmslo_timing (contract/timing.py): milestones in path order; the openai client
+    keeps it as an extra, its models still validate in pydantic's strict mode, LangChain reads usage."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    sent = time.time()
+    kwargs = {"model": serve_app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+    if stream:
+        chunks = list(_client(serve_app).chat.completions.create(
+            stream=True, stream_options={"include_usage": True}, **kwargs))
+        last = chunks[-1]
+        ChatCompletionChunk.model_validate(last.model_dump(), strict=True)
+    else:
+        last = _client(serve_app).chat.completions.create(**kwargs)
+        ChatCompletion.model_validate(last.model_dump(), strict=True)
+    assert last.usage.completion_tokens == 6
+    timing = last.usage.model_extra[T.USAGE_KEY]
+    assert set(timing) == set(T.FIELDS)
+    assert sent <= timing[T.INGRESS_RECEIVED_UNIX] <= time.time()
+    assert 0 <= timing[T.REPLICA_STARTED] <= timing[T.ENGINE_FIRST_TOKEN] <= timing[T.INGRESS_FIRST_BYTE]
+    assert 0 <= timing[T.ENGINE_QUEUE_WAIT] <= timing[T.ENGINE_FIRST_TOKEN] - timing[T.REPLICA_STARTED]
+    reply = ChatOpenAI(model=serve_app.model, base_url=serve_app.api_base, api_key="EMPTY", max_tokens=6,
+                       streaming=stream, stream_usage=True).invoke("hi")
+    assert reply.usage_metadata["output_tokens"] == 6
+
+
 def test_models_and_health(serve_app):
     models = _client(serve_app).models.list()
     assert [m.id for m in models.data] == [serve_app.model]
@@ -244,3 +272,45 @@ def test_one_json_log_line_per_request_without_payload(serve_app):
     assert record["completion_tokens"] == 3 and record["prompt_tokens"] == resp.usage.prompt_tokens
     assert record["replica"] and record["model"] == serve_app.model and record["ttft_s"] > 0
     assert secret not in serve_app.log_path.read_text(errors="replace")
+
+
+def _big_png(side: int = 4096) -> bytes:
+    """A 16-megapixel PNG (4096 x 4096, the default max_image_pixels) that compresses to a few
+    hundred kB but still decodes every pixel."""
+    ramp = Image.linear_gradient("L").resize((side, side))
+    buf = io.BytesIO()
+    Image.merge("RGB", (ramp, ramp.rotate(90), ramp.rotate(45))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_16_megapixel_image_does_not_stall_other_streams(serve_app):
+    """Images decode in a thread pool, not on the ingress's event loop that relays every stream.
+    A request with 8 such images (decoded, then refused: 8 x 6146 tokens exceed the context)
+    runs while another stream is decoding. Its own duration, timed in the same moment, is the
+    yardstick: with decoding on the loop one gap of the other stream took most of it (2.5 s of a
+    3.7 s request); in the pool the longest gap was 0.06 s of 2.6 s. It must stay under half."""
+    url = "data:image/png;base64," + base64.b64encode(_big_png()).decode()
+    stamps: list[float] = []
+
+    def stream() -> None:
+        chunks = _client(serve_app).chat.completions.create(
+            model=serve_app.model, messages=[{"role": "user", "content": "hi"}], max_tokens=2000, stream=True,
+            extra_body={"ignore_eos": True})
+        stamps.extend(time.monotonic() for c in chunks if c.choices and c.choices[0].delta.content)
+
+    import threading
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    while not stamps and thread.is_alive():
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    resp = httpx.post(f"{serve_app.api_base}/chat/completions", timeout=120, json={
+        "model": serve_app.model, "max_tokens": 1,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}] * 8}]})
+    t1 = time.monotonic()
+    thread.join()
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded", resp.text
+    assert stamps[-1] > t1, "the stream ended before the image request did: nothing was measured"
+    during = [b - a for a, b in zip(stamps, stamps[1:]) if b > t0 and a < t1]
+    assert max(during) < (t1 - t0) / 2, (max(during), t1 - t0)

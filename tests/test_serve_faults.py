@@ -146,3 +146,38 @@ def test_disconnect_before_the_first_token_also_frees_the_slot(serve_faults):
     gave_up = time.monotonic()
     assert wait_for(lambda: total(scrape(app), M.IN_FLIGHT) == 0, timeout=10), "slot not freed"
     assert time.monotonic() - gave_up < 10
+
+
+def test_a_replica_stall_shows_up_in_the_clients_itl(serve_faults):
+    """The stall drill blocks the serving replica's event loop after the 5th token. The simulated
+    engine has no catch-up, so the client sees one long gap and every later token still at the
+    engine's pace: the stream lasts at least the stall plus all the decode steps (a lower bound:
+    a slow machine only adds). With absolute token deadlines (the old engine) the tokens due
+    during the stall arrived at once and the stream ended near its original schedule. The slowdown
+    drill (the engine's time to each item x 10) makes the steps (>= 9.7 ms) slower than the serving
+    path relays a burst of tokens (~1 ms each here), so a catch-up cannot hide behind transport time;
+    with the old engine this stream took 1.5 s against the bound's 2.45 s, with this one 5.2 s."""
+    from openai import OpenAI
+
+    from conftest import SERVE_TIME_SCALE
+    from serve.engines.simulated import TIMER_SLACK_S, SimulatedOptions
+
+    o = SimulatedOptions()
+    min_step_s = (o.itl_ms * (1 - 3 * o.decode_speed_sd) - 2 * o.itl_jitter_ms) / 1000 * SERVE_TIME_SCALE
+    stall_s, tokens, slowdown = 1.0, 150, 10
+    serve_faults.admin("POST", {"stall": stall_s, "slowdown": slowdown})
+    client = OpenAI(base_url=serve_faults.api_base, api_key="EMPTY", max_retries=0, timeout=60)
+    sent = time.monotonic()
+    stamps = []
+    stream = client.chat.completions.create(model=serve_faults.model, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=tokens, stream=True, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.monotonic())
+    assert len(stamps) == tokens
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert max(gaps) >= stall_s / 2, "the stall did not reach the client's inter-token latency"
+    # the engine forgives only its own timer's overshoot (<= TIMER_SLACK_S in all), never the stall
+    bound = stall_s + slowdown * ((tokens - 1) * min_step_s - TIMER_SLACK_S)
+    assert stamps[-1] - sent >= bound, "tokens caught up after the stall"
+    assert serve_faults.admin("GET").json()["stall_pending_s"] == 0  # one-shot

@@ -104,7 +104,7 @@ def test_exported_names_and_kpi_buckets(serve_app):
     )
     names = [M.REQUESTS, M.IN_FLIGHT, M.PROMPT_TOKENS, M.COMPLETION_TOKENS, M.BUILD_INFO, M.KV_CACHE_USAGE,
              M.REPLICA_STARTS]
-    histograms = [M.TTFT, M.ITL, M.TPOT, M.E2E, M.QUEUE_WAIT]
+    histograms = [M.TTFT, M.ITL, M.TPOT, M.E2E, M.QUEUE_WAIT, M.TTFT_HOP]
 
     def all_present():
         s = scrape(serve_app)
@@ -121,3 +121,25 @@ def test_exported_names_and_kpi_buckets(serve_app):
     assert 1.2 in les(M.E2E)
     assert {lab["status"] for lab, _ in samples[M.REQUESTS]} >= {"ok"}
     assert all(lab["model"] == serve_app.model for lab, _ in samples[M.TTFT + "_count"])
+    assert {lab["hop"] for lab, _ in samples[M.TTFT_HOP + "_count"]} == set(M.TTFT_HOPS)
+
+
+def test_server_cpu_covers_the_whole_serving_tree_once(serve_app):
+    """One process per node reports every role of the serving tree (Ray's HTTP proxy, the Serve
+    controller, raylet, GCS and the rest of Ray, not only llmslo's own replicas), once each,
+    so ``sum by (instance)`` is the node's serving CPU."""
+    from serve.telemetry import PROCESS_CPU
+
+    name = M.PREFIX + PROCESS_CPU
+    roles = {"ingress", "replica", "http_proxy", "serve_controller", "raylet", "gcs", "ray_other"}
+
+    def reported():
+        samples = scrape(serve_app).get(name, [])
+        return samples if {lab["component"] for lab, _ in samples} >= roles else None
+
+    samples = wait_for(reported)
+    assert samples, scrape(serve_app).get(name)
+    components = [lab["component"] for lab, _ in samples]
+    assert sorted(components) == sorted(set(components)), "a role reported by more than one process"
+    assert {lab["WorkerId"] for lab, _ in samples if "WorkerId" in lab} == {samples[0][0].get("WorkerId")}
+    assert all(0 <= value <= 100 for _, value in samples)

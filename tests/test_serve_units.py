@@ -139,8 +139,8 @@ def test_decode_step_rises_beyond_max_batch():
     o = engine.options
     steps = {}
     for b in (1, 8, 16):
-        engine._running = b
-        steps[b] = engine._step_ms()
+        engine._decoding_count = lambda b=b: b  # type: ignore[method-assign]
+        steps[b] = engine._batch_step_ms(o.itl_ms)
     assert 16 <= steps[1] <= 20 and 16 <= steps[8] <= 20  # the 18 +/- 2 ms calibration
     assert steps[16] == pytest.approx(2 * steps[8])
     prefill_512 = o.prefill_base_ms + o.prefill_per_token_ms * 512

@@ -9,6 +9,7 @@ tests/test_monitor_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import psutil
@@ -56,26 +57,50 @@ def test_nvml_reader_without_driver_reports_unavailable_and_no_gpus() -> None:
 
 
 def test_cpu_reader_is_a_share_of_the_machine() -> None:
-    cpu = telemetry.CpuReader(min_window_s=0.2)
+    me = psutil.Process()
+    cpu = telemetry.CpuReader(lambda: {me.pid: ("self", me)}, min_window_s=0.2)
     sum(i * i for i in range(200_000))  # burn CPU inside a window too short to judge
     assert cpu.read() is None  # a few ms would turn one 10 ms tick into hundreds of percent
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline:  # busy for a full window: one core of the machine
         pass
     value = cpu.read()
-    assert value is not None and 0.0 < value <= 100.0
+    assert value is not None and 0.0 < value["self"] <= 100.0
     one_core = 100.0 / (psutil.cpu_count() or 1)
-    assert value <= one_core * 1.1  # one busy thread can use at most one core (less on a loaded machine)
+    assert value["self"] <= one_core * 1.1  # one busy thread can use at most one core (less on a loaded machine)
+
+
+@pytest.mark.parametrize("name, title, role", [
+    ("python", "ray::ServeReplica:llmslo:Ingress", "ingress"),
+    ("python", "ray::ServeReplica:llmslo:Ingress.handle_request_streaming", "ingress"),
+    ("python", "ray::ServeReplica:llmslo:Model", "replica"),
+    ("python", "ray::ProxyActor", "http_proxy"),
+    ("python", "ray::ServeController.listen_for_change", "serve_controller"),
+    ("raylet", "/venv/ray/core/src/ray/raylet/raylet", "raylet"),
+    ("gcs_server", "/venv/ray/core/src/ray/gcs/gcs_server", "gcs"),
+    ("python", "ray::DashboardAgent", "ray_other"),
+])
+def test_serving_tree_roles_come_from_ray_process_titles(name, title, role) -> None:
+    assert telemetry.process_role(name, title) == role
+
+
+def test_one_process_per_node_holds_the_cpu_lock(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(telemetry.tempfile, "gettempdir", lambda: str(tmp_path))
+    first, second = telemetry.NodeLock("n1"), telemetry.NodeLock("n1")
+    assert first.held() and not second.held()
+    assert telemetry.NodeLock("n2").held()  # another node's raylet, another lock
+    os.close(first._fd)  # the holder dies: the kernel frees the lock
+    assert second.held()
 
 
 class _Recorder:
     """Stands in for Ray's exporter only to observe what the sampler publishes."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[bool, list, float]] = []
+        self.calls: list[tuple[bool, list, dict | None]] = []
 
-    def publish(self, nvml_available: bool, gpus: list, cpu_percent: float) -> None:
-        self.calls.append((nvml_available, gpus, cpu_percent))
+    def publish(self, nvml_available: bool, gpus: list, cpu: dict | None) -> None:
+        self.calls.append((nvml_available, gpus, cpu))
 
 
 def test_sampler_thread_runs_inside_an_event_loop_and_stops() -> None:

@@ -107,7 +107,8 @@ def _overview(cfg: SLOConfig) -> list:
         _stat("GPU memory per model copy", f"max(sum by (replica) ({n.GPU_MEMORY_USED}{{{M}}}))", "bytes",
               gpu.target * GB, True, f"{gpu.title}; target <= {num(gpu.target)} GB (10^9 bytes). Needs NVML."),
         _stat("Server CPU", f"max(sum by (instance) ({n.PROCESS_CPU}))", "percent", cpu.target, True,
-              f"{cpu.title}: llmslo processes per node as a share of all CPUs; target < {num(cpu.target)}%."),
+              f"{cpu.title}: the whole serving tree per node (ingress, replicas, HTTP proxy, Serve controller, "
+              f"raylet, GCS, rest of Ray) as a share of all CPUs; target < {num(cpu.target)}%."),
         _stat("NVML available", f"min({n.NVML_AVAILABLE}{{{M}}})", "bool", 1, False,
               "1 when every replica's telemetry reads NVML; 0 means GPU panels are empty, not zero."),
     ]
@@ -136,6 +137,12 @@ def _latency(cfg: SLOConfig) -> list:
                 e2e.target),
         _series("Queue wait p95", [_q(_quantile(0.95, n.QUEUE_WAIT), "p95")], "s",
                 "Wait for an engine slot inside a replica."),
+        _series("TTFT by hop", [
+            _q(f"histogram_quantile({num(q)}, sum by (le, hop) (rate({n.TTFT_HOP}_bucket{{{M}}}[{RI}])))",
+               f"p{round(q * 100)} {{{{hop}}}}") for q in (0.5, 0.95)], "s",
+            "Where the server's TTFT goes (usage.llmslo_timing, docs/serve.md): routing = ingress received to "
+            "model replica started, queue = engine queue, prefill = rest to the engine's first token, "
+            "relay = to the ingress handing it to the HTTP server."),
     ]
 
 
@@ -188,9 +195,11 @@ def _gpu(cfg: SLOConfig) -> list:
         _series("GPU energy per output token", [
             _q(f"sum(rate({n.GPU_ENERGY}{{{M}}}[{RI}])) / sum(rate({n.COMPLETION_TOKENS}{{{M}}}[{RI}]))",
                "J/token")], "none", "Joules drawn by the model's GPUs per completion token."),
-        _series("CPU per process", [_q(f"{n.PROCESS_CPU}{{{M}}}", "{{component}} {{replica}}")], "percent",
-                f"Each serving process's share of all CPUs; the KPI ({num(cpu.target)}%) is the per-node sum.",
-                cpu.target),
+        _series("Serving CPU by role", [_q(f"sum by (instance, component) ({n.PROCESS_CPU}{{{M}}})",
+                                            "{{component}} {{instance}}")], "percent",
+                "CPU of each role of a node's serving tree (ingress, model replicas, Ray's HTTP proxy, Serve "
+                f"controller, raylet, GCS, rest of Ray) as a share of all CPUs; the KPI ({num(cpu.target)}%) is "
+                "the per-node sum.", cpu.target),
         _series("GPU memory per model copy", [
             _q(f"sum by (replica) ({n.GPU_MEMORY_USED}{sel})", "{{replica}}")], "bytes",
             f"Summed over a replica's GPUs; the line is {num(gpu.target)} GB.", gpu.target * GB),

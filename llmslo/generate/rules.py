@@ -404,23 +404,27 @@ def _cpu_alert(cfg: SLOConfig) -> Alert:
     kpi = cfg.kpis["cpu_percent"]
     model = cfg.service.model
 
-    def procs(each: float) -> dict[str, str]:
+    def roles(each: float, components: tuple[str, ...] = ("ingress", "http_proxy")) -> dict[str, str]:
         return {selector(n.PROCESS_CPU, {"model": model, "component": c, "instance": "node:8080"}):
-                f"{num(each)}x30" for c in ("ingress", "replica")}
+                f"{num(each)}x30" for c in components}
 
     fired = {"instance": "node:8080"}
     return _threshold_alert(
         "CPUHigh", f"sum by (instance) ({n.PROCESS_CPU})", BREACH[kpi.op], kpi.target,
         severity="ticket", for_=KPI_FOR,
-        summary=f"llmslo processes use {num(kpi.target)}% or more of {{{{ $labels.instance }}}}'s CPU",
-        description=(f"{kpi.title}: the serving processes on this node together used at least "
+        summary=f"The serving processes use {num(kpi.target)}% or more of {{{{ $labels.instance }}}}'s CPU",
+        description=(f"{kpi.title}: the node's serving tree (ingress, model replicas, Ray's HTTP proxy, "
+                     f"Serve controller, raylet, GCS, rest of Ray) together used at least "
                      f"{num(kpi.target)}% of all its logical CPUs for {KPI_FOR}."),
         runbook="cpu-high",
         scenarios=(
-            Scenario("two processes at 45% each fire", procs(45), 20, True, fired),
-            Scenario("two processes at 20% each are silent", procs(20), 20, False),
-            Scenario("exactly at the target", procs(kpi.target / 2), 20, _fires_at_target(kpi),
+            Scenario("ingress and HTTP proxy at 45% each fire", roles(45), 20, True, fired),
+            Scenario("ingress and HTTP proxy at 20% each are silent", roles(20), 20, False),
+            Scenario("exactly at the target", roles(kpi.target / 2), 20, _fires_at_target(kpi),
                      fired if _fires_at_target(kpi) else {}),
+            Scenario("Ray's own processes count: 6 roles at 12% fire",
+                     roles(12, ("ingress", "replica", "http_proxy", "serve_controller", "raylet", "gcs")), 20,
+                     True, fired),
         ),
     )
 

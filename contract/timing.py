@@ -1,0 +1,21 @@
+"""Names of the per-request timing the server adds to its answers (docs/serve.md, "Per-hop timing").
+
+In the contract because the load test reads these fields to split its TTFT into
+hops, and the server writes them.
+
+The object sits at ``usage[USAGE_KEY]``: in the last chunk of a stream that asked for
+usage (``stream_options.include_usage``) and in every non-streamed answer. OpenAI
+clients ignore it (unknown keys of ``usage`` are kept as extras). Every value is
+in seconds; all but the first are durations from the ingress receiving the request,
+so they only grow along the path.
+"""
+
+USAGE_KEY = "llmslo_timing"
+
+INGRESS_RECEIVED_UNIX = "ingress_received_unix_s"  # wall clock (time.time()) when the ingress began handling it
+REPLICA_STARTED = "replica_started_s"  # -> the model replica began it (validation, media, Ray routing)
+ENGINE_QUEUE_WAIT = "engine_queue_wait_s"  # time in the engine's own queue (a duration, not a milestone)
+ENGINE_FIRST_TOKEN = "engine_first_token_s"  # -> the engine produced the first token inside the replica
+INGRESS_FIRST_BYTE = "ingress_first_byte_s"  # -> the ingress handed the first token's bytes to the HTTP server
+
+FIELDS = (INGRESS_RECEIVED_UNIX, REPLICA_STARTED, ENGINE_QUEUE_WAIT, ENGINE_FIRST_TOKEN, INGRESS_FIRST_BYTE)
