@@ -159,7 +159,7 @@ def test_cuda_oom_is_engine_oom_and_engine_recovers(engine, run):
 
 def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
     cfg = synthetic_glm.build_config("tiny")
-    model = synthetic_glm.build_model(cfg, [torch.device("cpu")], torch.float32)
+    model = synthetic_glm.build_model(cfg, torch.device("cpu"), torch.float32)
     tokenizer = synthetic_glm.build_tokenizer(cfg)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
     model.save_pretrained(tmp_path)
