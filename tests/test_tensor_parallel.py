@@ -2,8 +2,9 @@
 
 The replica process is rank 0 and starts rank 1 itself, as on a two-GPU replica; only the
 backend differs (gloo instead of NCCL). Checks what a two-rank replica must keep from one rank:
-the same greedy tokens, cancellation that frees the slot on every rank, a health check that
-fails when a rank dies (so Ray Serve replaces the replica), and a shutdown that ends every rank.
+the same greedy tokens, cancellation that frees the slot on every rank, an OOM that fails only
+its requests (both ranks rebuild their managers), a health check that fails when a rank dies (so
+Ray Serve replaces the replica), and a shutdown that ends every rank.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from test_transformers_engine import TINY, collect, request, wait_idle  # noqa: E402
 
-from serve.engines.base import Delta, EngineError  # noqa: E402
+from serve.engines import tensor_parallel  # noqa: E402
+from serve.engines.base import Delta, EngineError, EngineOOMError  # noqa: E402
 from serve.engines.transformers import TransformersEngine  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -92,6 +95,31 @@ def test_closing_the_stream_frees_the_slot_on_both_ranks(two_ranks, run):
     run(two_ranks.check_health())
 
 
+def test_oom_on_rank_0_fails_its_requests_and_both_ranks_rebuild(two_ranks, run):
+    """The OOM is raised after a complete forward pass, so rank 1 meets rank 0's hard stop at the next step."""
+    model = two_ranks.model
+    real_forward = model.forward
+    calls = {"n": 0}
+
+    def oom_after_first_forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return out
+
+    model.forward = oom_after_first_forward
+    try:
+        with pytest.raises(EngineOOMError, match="out of memory"):
+            run(collect(two_ranks, request("oom", max_tokens=4)))
+    finally:
+        model.forward = real_forward
+    assert two_ranks.oom_events == 1
+    run(two_ranks.check_health())
+    assert run(collect(two_ranks, request("next", max_tokens=4)))[-1].completion_tokens == 4
+    run(both_idle(two_ranks))
+
+
 def test_stop_ends_every_rank(two_ranks, run):
     worker = two_ranks.tp_group.workers[0]
     run(two_ranks.stop())
@@ -113,3 +141,29 @@ def test_a_killed_rank_fails_the_health_check_and_stop_does_not_hang(run):
     finally:
         run(eng.stop())
     assert not dist.is_initialized()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # as above
+def test_a_stalled_group_is_found_broken_and_fails_the_health_check(run, monkeypatch):
+    """An OOM on rank 0 alone, before its forward: rank 1 waits in a model all-reduce rank 0 never joins.
+
+    Rank 0's step exchange times out (CPU_GROUP_TIMEOUT_S), its request fails instead of hanging, the
+    group is declared broken rather than rebuilt, and the health check fails so Serve replaces it.
+    """
+    monkeypatch.setattr(tensor_parallel, "CPU_GROUP_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(tensor_parallel, "STATUS_TIMEOUT_S", 2.0)
+    eng = TransformersEngine("tiny-glm", **TWO_RANKS)
+    run(eng.start())
+    try:
+        eng.model.forward = _raise_oom
+        with pytest.raises(EngineError, match="broken: rank 1 is stuck in a collective"):
+            run(collect(eng, request("stall", max_tokens=4)))
+        with pytest.raises(EngineError, match="broken"):
+            run(eng.check_health())
+    finally:
+        run(eng.stop())
+    assert not dist.is_initialized()
+
+
+def _raise_oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory (injected on rank 0 only)")

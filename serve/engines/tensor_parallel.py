@@ -53,8 +53,13 @@ if TYPE_CHECKING:
     from serve.engines.transformers import TransformersEngine
 
 JOIN_TIMEOUT_S = 300  # ranks load their weights before the first collective: a 9B checkpoint takes minutes
-COLLECTIVE_TIMEOUT_S = 300  # the library's cpu_group_timeout default; a peer this late is gone
+COLLECTIVE_TIMEOUT_S = 300  # model all-reduces (NCCL / gloo); ranks start their first one after loading
+# The library's per-step CPU exchange (its default is 300 s). A rank whose thread died while its
+# peer waits in a model all-reduce holds the step: this bounds how long requests stall before
+# the group is found broken and the replica replaced. Legitimate waits are one step's skew.
+CPU_GROUP_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 10.0  # a rank that cannot say its state within this is treated as stuck
+STOP_TIMEOUT_S = 5.0  # a stopping rank's own clean-up; rank 0 kills a rank that has not exited 30 s after stop
 
 
 class TensorParallelGroup:
@@ -64,6 +69,7 @@ class TensorParallelGroup:
         self.rank, self.size, self.device, self.workers = rank, size, device, workers
         self.mesh: DeviceMesh = init_device_mesh(device.type, (size,))
         self._lock = threading.Lock()  # one command/reply exchange at a time
+        self.broken: str | None = None  # why the group cannot continue (the replica must be replaced)
 
     # ------------------------------------------------------------------ joining
 
@@ -100,7 +106,9 @@ class TensorParallelGroup:
     # ------------------------------------------------------------------ rank 0: the other ranks
 
     def check(self) -> None:
-        """Raise EngineError when another rank has exited or its generation thread is not running."""
+        """Raise EngineError when the group is broken, a rank has exited or its generation thread stopped."""
+        if self.broken:
+            raise EngineError(self.broken)
         for rank, state in enumerate(self.worker_states(), start=1):
             if not state["running"]:
                 raise EngineError(f"tensor-parallel rank {rank}: continuous-batching thread is not running")
@@ -111,8 +119,20 @@ class TensorParallelGroup:
             return [worker.ask("status") for worker in self.workers]
 
     def rebuild(self) -> None:
-        """Have every other rank build a new manager; rank 0 builds its own right after (collectives)."""
+        """Have every other rank build a new manager; rank 0 builds its own right after (collectives).
+
+        Only when every rank's generation thread has ended at the same step, in the group's hard
+        stop (its own error, if any, an OOM): then every collective has been matched and the group
+        is usable. A rank still running is stuck in a collective its peer never joined, and any other
+        error may have left a collective half done: the group is broken and EngineError is raised.
+        """
         with self._lock:
+            for worker in self.workers:
+                state = worker.ask_until_stopped()
+                if state["running"] or (state["fatal_error"] and not state["oom"]):
+                    self.broken = (f"tensor-parallel group broken: rank {worker.rank} "
+                                   + ("is stuck in a collective" if state["running"] else state["fatal_error"]))
+                    raise EngineError(self.broken)
             for worker in self.workers:
                 worker.send("rebuild")
 
@@ -177,6 +197,13 @@ class _Worker:
             if reply.get("command") == command:
                 return reply
         raise EngineError(f"tensor-parallel rank {self.rank} did not answer {command!r} within {STATUS_TIMEOUT_S} s")
+
+    def ask_until_stopped(self) -> dict[str, Any]:
+        """``status`` until the rank's generation thread has ended, or for STATUS_TIMEOUT_S."""
+        deadline = time.monotonic() + STATUS_TIMEOUT_S
+        while (state := self.ask("status"))["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return state
 
     def stop(self, deadline: float) -> None:
         """Ask the rank to leave; kill it if it has not by ``deadline`` (time.monotonic())."""
@@ -271,21 +298,25 @@ def _rebuild(engine: TransformersEngine) -> None:
 
 
 def _reply(out: IO[str], command: str, engine: TransformersEngine) -> None:
-    """One JSON line per command: the engine's stats and whether its generation thread runs."""
+    """One JSON line per command: the engine's stats, whether its generation thread runs, how it died."""
     manager = engine._manager
     stats = engine.stats()
+    fatal = manager.background_thread_status.fatal_error
     out.write(json.dumps({
-        "command": command, "running": manager is not None and manager.is_running(),
+        "command": command, "running": manager.is_running(),
         "active": stats.running, "waiting": stats.waiting, "kv_cache_usage": stats.kv_cache_usage,
+        "fatal_error": None if fatal is None else f"{type(fatal).__name__}: {fatal}",
+        "oom": isinstance(fatal, torch.OutOfMemoryError),
     }) + "\n")
 
 
 def _stop(engine: TransformersEngine) -> None:
-    """Leave after rank 0's stop: its manager has already told this one to stop; don't hang on a dead peer."""
+    """Leave after rank 0's stop, whose manager has already stopped this one's; a thread stuck in a
+    collective of a broken group is not waited for (the process exits under it)."""
     closer = threading.Thread(target=lambda: (engine._manager.destroy(), dist.destroy_process_group()),
                               daemon=True)
     closer.start()
-    closer.join(30)
+    closer.join(STOP_TIMEOUT_S)
     os._exit(0)
 
 

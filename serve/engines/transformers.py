@@ -201,6 +201,7 @@ class TransformersEngine:
             use_async_batching=c.async_batching,
             default_compile_level=c.compile_level,
             seed=c.seed,
+            cpu_group_timeout=tensor_parallel.CPU_GROUP_TIMEOUT_S,
         )
         gen = GenerationConfig(
             do_sample=False,
