@@ -20,13 +20,15 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from test_transformers_engine import TINY, collect, request, wait_idle  # noqa: E402
+from test_transformers_engine import TINY, collect, request, save_tiny_checkpoint, wait_idle  # noqa: E402
 
 from serve.engines import tensor_parallel  # noqa: E402
 from serve.engines.base import Delta, EngineError, EngineOOMError  # noqa: E402
 from serve.engines.transformers import TransformersEngine  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
+# A process holds one tensor-parallel group (torch's default process group): the tests that start
+# their own engine come after test_stop_ends_every_rank has stopped the module's engine.
 
 TWO_RANKS = {**TINY, "cpu_ranks": 2}
 # Concurrent requests of different lengths; 150 prompt tokens > max_batch_tokens (128): chunked prefill.
@@ -49,10 +51,10 @@ def two_ranks(run) -> Iterator[TransformersEngine]:
     run(eng.stop())
 
 
-def texts(eng: TransformersEngine, run) -> dict[str, str]:
+def texts(eng: TransformersEngine, run, **kw: Any) -> dict[str, str]:
     """Generated text of every request of REQUESTS, all in flight at once."""
     async def all_at_once():
-        return await asyncio.gather(*(collect(eng, request(rid, prompt_tokens=p, max_tokens=n))
+        return await asyncio.gather(*(collect(eng, request(rid, prompt_tokens=p, max_tokens=n, **kw))
                                       for rid, p, n in REQUESTS))
 
     results = run(all_at_once())
@@ -125,6 +127,21 @@ def test_stop_ends_every_rank(two_ranks, run):
     run(two_ranks.stop())
     assert worker.proc.returncode == 0
     assert not dist.is_initialized()
+
+
+def test_a_checkpoint_loads_sharded_and_generates_the_tokens_of_one_rank(tmp_path, run):
+    """The library's TP loader (``from_pretrained(distributed_config=...)``) on a local checkpoint."""
+    save_tiny_checkpoint(tmp_path)
+    got = {}
+    for ranks in (1, 2):
+        eng = TransformersEngine("tiny-glm", **{**TWO_RANKS, "cpu_ranks": ranks, "model_path": str(tmp_path)})
+        run(eng.start())
+        try:
+            assert (eng.tp_group is not None) == (ranks == 2)
+            got[ranks] = texts(eng, run, ignore_eos=True)
+        finally:
+            run(eng.stop())
+    assert got[2] == got[1]
 
 
 # The library's generation thread on rank 0 dies when its peer does; its error handler's own

@@ -76,6 +76,8 @@ class TensorParallelGroup:
     @classmethod
     def launch(cls, size: int, device_type: str, model_id: str, options: dict[str, Any]) -> TensorParallelGroup:
         """Rank 0: start ranks 1..size-1 as child processes and join the process group with them."""
+        if dist.is_initialized():  # the group is torch's default process group: one per process
+            raise EngineError("this process already holds a tensor-parallel group (one engine per process)")
         store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
                               timeout=timedelta(seconds=JOIN_TIMEOUT_S))
         spec = {"size": size, "port": store.port, "device_type": device_type, "model_id": model_id,
