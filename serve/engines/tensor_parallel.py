@@ -65,8 +65,9 @@ STOP_TIMEOUT_S = 5.0  # a stopping rank's own clean-up; rank 0 kills a rank that
 class TensorParallelGroup:
     """This process's place in the replica's tensor-parallel group; on rank 0, also the other ranks."""
 
-    def __init__(self, rank: int, size: int, device: torch.device, workers: list[_Worker]) -> None:
+    def __init__(self, rank: int, size: int, device: torch.device, workers: list[_Worker], threads: int) -> None:
         self.rank, self.size, self.device, self.workers = rank, size, device, workers
+        self._threads = threads  # torch's intra-op threads before joining, given back on close
         self.mesh: DeviceMesh = init_device_mesh(device.type, (size,))
         self._lock = threading.Lock()  # one command/reply exchange at a time
         self.broken: str | None = None  # why the group cannot continue (the replica must be replaced)
@@ -99,11 +100,14 @@ class TensorParallelGroup:
         for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(variable, "lo")  # every rank is on this host: keep their traffic on loopback
         device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+        threads = torch.get_num_threads()
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        else:  # CPU ranks share the cores: more threads than cores makes every parallel op wait its turn
+            torch.set_num_threads(max(1, threads // size))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=size, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-        return cls(rank, size, device, workers)
+        return cls(rank, size, device, workers, threads)
 
     # ------------------------------------------------------------------ rank 0: the other ranks
 
@@ -146,6 +150,7 @@ class TensorParallelGroup:
                 worker.stop(deadline)
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.set_num_threads(self._threads)
 
 
 class _Worker:
