@@ -13,6 +13,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from serve.engines import synthetic_glm  # noqa: E402
 from serve.engines.base import (  # noqa: E402
@@ -157,14 +158,19 @@ def test_cuda_oom_is_engine_oom_and_engine_recovers(engine, run):
         model.forward = real_forward
 
 
-def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
+def save_tiny_checkpoint(path) -> PreTrainedTokenizerFast:
+    """The tiny random GLM-4 as a local checkpoint with a chat template; returns its tokenizer."""
     cfg = synthetic_glm.build_config("tiny")
-    model = synthetic_glm.build_model(cfg, [torch.device("cpu")], torch.float32)
+    model = synthetic_glm.build_model(cfg, torch.device("cpu"), torch.float32)
     tokenizer = synthetic_glm.build_tokenizer(cfg)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
-    model.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return tokenizer
 
+
+def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
+    tokenizer = save_tiny_checkpoint(tmp_path)
     eng = TransformersEngine("tiny-glm", **TINY, model_path=str(tmp_path))
     run(eng.start())
     try:

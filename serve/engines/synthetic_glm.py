@@ -3,7 +3,7 @@
 No weights can be downloaded on the GPU hosts, yet speed and memory depend only on the
 architecture: the GLM-4-9B text backbone (the language model inside AutoGLM-Phone-9B /
 GLM-4.1V) is built here from ``Glm4Config`` with random bf16 weights, placed directly on
-its GPUs (never materialised on the CPU), optionally split layer-wise over several GPUs.
+its GPU (never materialised on the CPU), or sharded over tensor-parallel ranks.
 The tokenizer is a word-level one built in memory: one whitespace-separated word is one
 token, and every id of the 151,552-entry vocabulary decodes to a word, so random tokens
 stream as readable text.
@@ -15,7 +15,10 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch.distributed.device_mesh import DeviceMesh
 from transformers import Glm4Config, Glm4ForCausalLM, PreTrainedTokenizerFast
+
+from serve.engines import tensor_parallel
 
 # Sizes of the GLM-4-9B backbone are Glm4Config's defaults (hidden 4096, 40 layers, 32 heads,
 # 2 KV heads, head dim 128, intermediate 13696, vocab 151552): 9.4 B parameters.
@@ -68,29 +71,6 @@ def build_tokenizer(config: Glm4Config) -> PreTrainedTokenizerFast:
     )
 
 
-def layer_device_map(num_layers: int, devices: list[torch.device]) -> dict[str, torch.device]:
-    """Split the decoder layers evenly over ``devices`` (pipeline placement, one replica).
-
-    Embeddings, rotary tables, final norm and LM head stay on the first GPU: the batching code
-    indexes and samples the last hidden states with tensors it keeps on ``model.device``, so the
-    activations come back there after the last layer (one small copy per step).
-    """
-    first = devices[0]
-    placement: dict[str, torch.device] = {
-        "model.embed_tokens": first, "model.rotary_emb": first, "model.norm": first, "lm_head": first,
-    }
-    per_device = -(-num_layers // len(devices))
-    for layer in range(num_layers):
-        placement[f"model.layers.{layer}"] = devices[layer // per_device]
-    return placement
-
-
-def _device_of(name: str, placement: dict[str, torch.device]) -> torch.device:
-    """Device of parameter ``name``: the placement entry that is its longest prefix."""
-    best = max((key for key in placement if name == key or name.startswith(key + ".")), key=len)
-    return placement[best]
-
-
 @torch.no_grad()
 def _random_value(name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device,
                   std: float, generator_seed: int) -> torch.Tensor:
@@ -104,34 +84,24 @@ def _random_value(name: str, shape: torch.Size, dtype: torch.dtype, device: torc
     return out.normal_(0.0, std, generator=gen)
 
 
-def build_model(config: Glm4Config, devices: list[torch.device], dtype: torch.dtype = torch.bfloat16,
-                seed: int = 0) -> Glm4ForCausalLM:
-    """Random-weight ``Glm4ForCausalLM`` placed on ``devices`` (layer-split when there are several).
+def build_model(config: Glm4Config, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                mesh: DeviceMesh | None = None) -> Glm4ForCausalLM:
+    """Random-weight ``Glm4ForCausalLM`` on ``device``; with a device mesh, this rank's tensor-parallel shards.
 
-    Parameters are created on the meta device and materialised directly on their GPU, so a 9.4 B
-    model never touches host memory and builds in seconds.
+    Parameters are created on the meta device and materialised directly on their device, so a 9.4 B
+    model never touches host memory and builds in seconds. Each weight is drawn whole from its own
+    seed on every rank and then cut to the rank's shard, so any number of ranks holds the same model.
     """
     with torch.device("meta"):
         model = Glm4ForCausalLM(config)
-    placement = layer_device_map(config.num_hidden_layers, devices)
+    if mesh is not None:
+        model = Glm4ForCausalLM.maybe_distribute_model(model, tensor_parallel.distributed_config(mesh.size()), mesh)
     for index, (name, param) in enumerate(list(model.named_parameters())):
-        value = _random_value(name, param.shape, dtype, _device_of(name, placement),
-                              config.initializer_range, seed + index)
+        value = _random_value(name, param.shape, dtype, device, config.initializer_range, seed + index)
         module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        model.get_submodule(module_name)._parameters[attr] = tensor_parallel.shard_like(param, value)
     # Non-persistent buffers (rotary inverse frequencies) were computed on meta: rebuild them.
-    with torch.device(devices[0]):
+    with device:
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     model.config.dtype = dtype
-    if len(devices) > 1:
-        _dispatch(model, placement)
     return model.eval()
-
-
-def _dispatch(model: torch.nn.Module, placement: dict[str, torch.device]) -> None:
-    """Hooks that move activations between GPUs at layer boundaries (accelerate's pipeline placement)."""
-    from accelerate import dispatch_model  # only needed for multi-GPU replicas
-
-    device_map = {k: v.index if v.type == "cuda" else str(v) for k, v in placement.items()}
-    dispatch_model(model, device_map=device_map, main_device=device_map["model.embed_tokens"])

@@ -7,7 +7,8 @@ graphs and sampling are the library's (``model.init_continuous_batching``); this
 turns a :class:`GenerationRequest` into token ids, streams the manager's per-request outputs as
 :class:`Delta` items, cancels a request when its consumer goes away, and turns a CUDA OOM,
 which kills the library's generation thread, into :class:`EngineOOMError` followed by a rebuilt
-manager, so the replica keeps serving without a restart.
+manager, so the replica keeps serving without a restart. A replica with several GPUs runs the
+model tensor-parallel, one process per GPU (serve/engines/tensor_parallel.py); this process is rank 0.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from transformers.generation.continuous_batching.continuous_api import (
 )
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from serve.engines import gqa_attention, synthetic_glm
+from serve.engines import gqa_attention, synthetic_glm, tensor_parallel
 from serve.engines.base import (
     EngineError,
     EngineOOMError,
@@ -52,8 +53,9 @@ class TransformersEngineConfig(BaseModel):
     model_path: str | None = None  # local checkpoint folder; None = synthetic weights
     synthetic_preset: str = "glm-4-9b"
     synthetic_overrides: dict[str, Any] = Field(default_factory=dict)
-    # None: every GPU this process sees (Ray exposes exactly the replica's); 0 = CPU; >1 splits the layers
+    # None: every GPU this process sees (Ray exposes exactly the replica's); 0 = CPU; >1 = tensor parallel
     gpus_per_replica: int | None = Field(None, ge=0)
+    cpu_ranks: int = Field(1, ge=1)  # tensor-parallel ranks on the CPU (gloo), when gpus_per_replica is 0: tests
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     attn_implementation: str = "paged|sdpa"
     gqa_folding: bool = True  # paged|sdpa decode steps without repeat_kv (serve/engines/gqa_attention.py)
@@ -61,7 +63,7 @@ class TransformersEngineConfig(BaseModel):
     block_size: int = Field(256, ge=4)
     max_batch_tokens: int = Field(2048, gt=0)  # tokens per forward pass (prefill chunks + decodes)
     max_requests_per_batch: int = Field(32, gt=0)
-    cuda_graphs: bool = True  # on a one-GPU replica; always off when the layers span several GPUs
+    cuda_graphs: bool = True
     # CUDA-graph shapes are padded up to these multiples (0 = the library's 64 query / 16384 KV tokens).
     # Decode reads the whole padded KV length every step, so a small KV interval keeps decode fast
     # (H100, 8 streams: 21 tok/s per stream with the library's 16384, 48 with 256; docs/gpu.md).
@@ -92,6 +94,7 @@ class TransformersEngine:
         self._ready = threading.Event()
         self._rebuild_lock = threading.Lock()
         self._ids = itertools.count()
+        self.tp_group: tensor_parallel.TensorParallelGroup | None = None  # set when the model spans ranks
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -100,15 +103,19 @@ class TransformersEngine:
         await asyncio.to_thread(self._start_blocking)
 
     def _start_blocking(self) -> None:
-        devices = self._devices()
+        ranks, device_type = self._ranks_and_device()
         try:
+            cfg = None
             if self.synthetic_weights:
                 cfg = synthetic_glm.build_config(self.config.synthetic_preset, **self.config.synthetic_overrides)
-                self._check_memory_budget(cfg, len(devices))
+                self._check_memory_budget(cfg, ranks)
+            mesh = self._join_ranks(ranks, device_type)
+            device = self._device(device_type)
+            if cfg is not None:
                 self.tokenizer = synthetic_glm.build_tokenizer(cfg)
-                self.model = synthetic_glm.build_model(cfg, devices, _DTYPES[self.config.dtype], self.config.seed)
+                self.model = synthetic_glm.build_model(cfg, device, _DTYPES[self.config.dtype], self.config.seed, mesh)
             else:
-                self.model, self.tokenizer = self._load_checkpoint(devices)
+                self.model, self.tokenizer = self._load_checkpoint(device, mesh)
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
@@ -117,15 +124,27 @@ class TransformersEngine:
             raise EngineOOMError(f"out of GPU memory while loading the model: {exc}") from exc
         self._ready.set()
 
-    def _devices(self) -> list[torch.device]:
-        """The replica's GPUs as this process sees them (Ray sets CUDA_VISIBLE_DEVICES), or the CPU."""
+    def _ranks_and_device(self) -> tuple[int, str]:
+        """Tensor-parallel ranks of the model copy (one per GPU Ray gave the replica) and the device type."""
         n = self.config.gpus_per_replica
         n = torch.cuda.device_count() if n is None else n
         if n == 0:
-            return [torch.device("cpu")]
+            return self.config.cpu_ranks, "cpu"
         if torch.cuda.device_count() < n:
             raise EngineError(f"gpus_per_replica={n} but this process sees {torch.cuda.device_count()} GPU(s)")
-        return [torch.device("cuda", i) for i in range(n)]
+        return n, "cuda"
+
+    def _join_ranks(self, ranks: int, device_type: str) -> Any:
+        """The device mesh of a tensor-parallel model (rank 0 starts the other ranks first); None for one rank."""
+        if ranks > 1 and self.tp_group is None:
+            self.tp_group = tensor_parallel.TensorParallelGroup.launch(
+                ranks, device_type, self.model_id, self.config.model_dump(mode="json"))
+        return self.tp_group.mesh if self.tp_group is not None else None
+
+    def _device(self, device_type: str) -> torch.device:
+        """This rank's device: the GPU of its rank index, or the CPU."""
+        rank = self.tp_group.rank if self.tp_group is not None else 0
+        return torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
 
     def _check_memory_budget(self, cfg: Any, num_gpus: int) -> None:
         """Refuse a configuration whose weights + KV budget alone exceed the GPU-memory limit."""
@@ -139,19 +158,22 @@ class TransformersEngine:
                 f"exceeds gpu_memory_limit_gib={self.config.gpu_memory_limit_gib}"
             )
 
-    def _load_checkpoint(self, devices: list[torch.device]) -> tuple[torch.nn.Module, Any]:
-        """A local checkpoint: text LMs through AutoModelForCausalLM, GLM-4.1V-style VLMs through image-text-to-text."""
+    def _load_checkpoint(self, device: torch.device, mesh: Any) -> tuple[torch.nn.Module, Any]:
+        """A local checkpoint: text LMs through AutoModelForCausalLM, GLM-4.1V-style VLMs through image-text-to-text.
+
+        With a device mesh the library loads only this rank's shards (its ``base_model_tp_plan``).
+        """
         path = self.config.model_path
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         auto = AutoModelForImageTextToText if hasattr(hf_config, "vision_config") else AutoModelForCausalLM
-        device_map: Any = str(devices[0]) if len(devices) == 1 else "balanced"
+        placement: dict[str, Any] = {"device_map": str(device)} if mesh is None else {
+            "distributed_config": tensor_parallel.distributed_config(mesh.size()), "device_mesh": mesh}
         model = auto.from_pretrained(
             path,
             trust_remote_code=False,
             local_files_only=True,
             dtype=_DTYPES[self.config.dtype],
-            device_map=device_map,
-            max_memory={d.index: f"{self.config.gpu_memory_limit_gib}GiB" for d in devices} if len(devices) > 1 else None,
+            **placement,
         )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
         return model.eval(), tokenizer
@@ -166,22 +188,20 @@ class TransformersEngine:
     def _new_manager(self) -> ContinuousBatchingManager:
         """A started continuous-batching manager over the loaded model, sized by the config."""
         c = self.config
-        devices = {p.device for p in self.model.parameters()}
-        multi_gpu = len(devices) > 1
-        on_gpu = all(d.type == "cuda" for d in devices)
-        cuda_graphs = on_gpu and not multi_gpu and c.cuda_graphs is not False
+        on_gpu = self.model.device.type == "cuda"
         cb = ContinuousBatchingConfig(
             block_size=c.block_size,
             num_blocks=self._kv_blocks(),
             max_batch_tokens=c.max_batch_tokens,
             max_requests_per_batch=c.max_requests_per_batch,
             allow_block_sharing=c.prefix_caching,
-            use_cuda_graph=cuda_graphs,
+            use_cuda_graph=on_gpu and c.cuda_graphs,
             q_padding_interval_size=c.q_padding_interval,
             kv_padding_interval_size=c.kv_padding_interval,
             use_async_batching=c.async_batching,
             default_compile_level=c.compile_level,
             seed=c.seed,
+            cpu_group_timeout=tensor_parallel.CPU_GROUP_TIMEOUT_S,
         )
         gen = GenerationConfig(
             do_sample=False,
@@ -189,11 +209,6 @@ class TransformersEngine:
             pad_token_id=self.tokenizer.pad_token_id,
         )
         manager = self.model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
-        # The processor (and its paged cache) is created now rather than in the thread, so that on a
-        # multi-GPU replica each layer's KV cache can be moved next to that layer's weights.
-        manager.batch_processor = manager._create_batch_processor()
-        if multi_gpu:
-            _place_cache_with_layers(manager.batch_processor.cache, self.model)
         if c.warmup and on_gpu:
             manager.warmup()
         manager.start()
@@ -212,6 +227,8 @@ class TransformersEngine:
         manager = self._manager
         if manager is None:
             raise EngineError("engine not started")
+        if self.tp_group is not None and self._ready.is_set():
+            await asyncio.to_thread(self.tp_group.check)  # first: a dead rank also stops this rank's thread
         if not manager.is_running() and self._ready.is_set():
             raise EngineError("continuous-batching thread is not running")
 
@@ -235,6 +252,8 @@ class TransformersEngine:
         manager, self._manager = self._manager, None
         if manager is not None:
             await asyncio.to_thread(manager.destroy)
+        if self.tp_group is not None:
+            await asyncio.to_thread(self.tp_group.close)
 
     # ------------------------------------------------------------------ requests
 
@@ -348,6 +367,8 @@ class TransformersEngine:
                 dead.destroy()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
+                if self.tp_group is not None:
+                    self.tp_group.rebuild()  # the other ranks' managers are rebuilt in step with this one
                 self._manager = self._new_manager()
             finally:
                 self._ready.set()
@@ -364,18 +385,3 @@ def _forget_handler(manager: ContinuousBatchingManager, request_id: str) -> None
     with manager.output_router._lock:
         manager.output_router.result_handlers.pop(request_id, None)
 
-
-def _place_cache_with_layers(cache: Any, model: torch.nn.Module) -> None:
-    """Move each layer's paged KV tensors to the GPU that holds the layer (layer-split replicas).
-
-    The library allocates the whole cache on ``model.device``; accelerate's hooks already move the
-    read/write indices to each layer's device, so only the cache tensors need to follow.
-    """
-    layers = model.get_decoder().layers
-    for layer_idx, (_, slot) in cache.layer_index_to_group_indices.items():
-        device = next(layers[layer_idx].parameters()).device
-        if cache.key_cache[slot].device != device:
-            cache.key_cache[slot] = cache.key_cache[slot].to(device)
-            cache.value_cache[slot] = cache.value_cache[slot].to(device)
-            torch._dynamo.mark_static_address(cache.key_cache[slot])
-            torch._dynamo.mark_static_address(cache.value_cache[slot])
