@@ -271,6 +271,8 @@ class Ingress:
                 if isinstance(item, ReplicaHello):
                     rec.replica = item.replica_id
                     continue
+                if isinstance(item, StreamError) and item.kind == "unsupported":  # the input, not the server
+                    raise invalid(item.message, "messages", "unsupported_input")
                 if isinstance(item, StreamError):
                     status, code = _STREAM_ERRORS[item.kind]
                     raise server_error(item.message, code, status)

@@ -27,6 +27,7 @@ from serve.engines import create_engine
 from serve.engines.base import (
     Delta,
     EngineError,
+    EngineInputError,
     EngineOOMError,
     EngineOverloadedError,
     EngineUnavailableError,
@@ -57,7 +58,7 @@ class ReplicaHello:
 class StreamError:
     """Last item of a failed stream (replaces Finish)."""
 
-    kind: Literal["oom", "overloaded", "unavailable", "engine"]
+    kind: Literal["oom", "overloaded", "unavailable", "unsupported", "engine"]
     message: str
 
 
@@ -71,6 +72,8 @@ def _classify(exc: BaseException) -> tuple[str, str | None]:
         return "overloaded", None
     if isinstance(exc, EngineUnavailableError):
         return "unavailable", None
+    if isinstance(exc, EngineInputError):
+        return "unsupported", None
     return "engine", None
 
 

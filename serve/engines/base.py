@@ -106,6 +106,12 @@ class EngineOverloadedError(EngineError):
     """The engine refuses new work right now (answered as 503, retryable)."""
 
 
+class EngineInputError(EngineError):
+    """The engine cannot run this request's input as sent (audio on a model without an audio
+    encoder, images on a text-only checkpoint): answered as 400 ``unsupported_input``, since a
+    retry cannot help and silently dropping the part would answer a different question."""
+
+
 class EngineUnavailableError(EngineError):
     """The server the engine relies on cannot be reached (the upstream engine's
     inference server is down): answered as 503, and ``/healthz`` reports it."""
