@@ -196,6 +196,18 @@ def test_temperature_zero_is_greedy_and_other_temperatures_sample_per_request(en
     assert {len(t) for t in (greedy_a, sampled_a, nucleus)} == {12}
 
 
+def test_warmup_traffic_replays_every_level_then_frees_the_cache(run):
+    # on a GPU this runs inside start(); called directly here, where there are no CUDA graphs to capture
+    eng = TransformersEngine("tiny-glm", **TINY, warmup_streams=[1, 3], warmup_prompt_tokens=20, warmup_output_tokens=6)
+    run(eng.start())
+    try:
+        eng._replay_traffic(eng._manager)
+        run(wait_idle(eng))
+        assert run(collect(eng, request("after-warmup", max_tokens=3)))[-1].completion_tokens == 3
+    finally:
+        run(eng.stop())
+
+
 def test_bad_config_and_memory_budget_are_refused(run):
     with pytest.raises(ValueError, match="no_such_key"):
         TransformersEngine("m", no_such_key=1)

@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import structlog
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -46,6 +47,7 @@ from serve.engines.base import (
     GenerationRequest,
 )
 
+log = structlog.get_logger("llmslo.engine")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _POLL_S = 1.0  # how often a waiting stream checks that the generation thread is still alive
 
@@ -75,8 +77,15 @@ class TransformersEngineConfig(BaseModel):
     kv_padding_interval: int = Field(256, ge=0)
     async_batching: bool | None = None  # None: the library decides
     compile_level: int = Field(0, ge=0, le=3)  # the library's default_compile_level
+    compile_layers: bool = False  # torch.compile each decoder layer's norms and MLP (dynamic shapes)
     prefix_caching: bool = False  # off: every request pays its full prefill, as the benchmark assumes
     warmup: bool = True
+    # Before readiness (GPU only), replay closed-loop traffic at these concurrencies with this shape, so the
+    # padded batch shapes real traffic meets have their CUDA graphs (and compiled code) before the first user
+    # request: a shape first met under load costs its capture inside some request's TTFT (docs/gpu.md).
+    warmup_streams: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    warmup_prompt_tokens: int = Field(512, gt=0)
+    warmup_output_tokens: int = Field(256, gt=0)
     seed: int = 0
     gpu_memory_limit_gib: float = Field(50.0, gt=0)  # refuse to start above this (weights + KV estimate)
 
@@ -121,6 +130,8 @@ class TransformersEngine:
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
+            if self.config.compile_layers:
+                _compile_layer_parts(self.model)
             self._manager = self._new_manager()
         except torch.OutOfMemoryError as exc:
             raise EngineOOMError(f"out of GPU memory while loading the model: {exc}") from exc
@@ -212,7 +223,32 @@ class TransformersEngine:
         if c.warmup and on_gpu:
             manager.warmup()
         manager.start()
+        if c.warmup and on_gpu:
+            self._replay_traffic(manager)
         return manager
+
+    def _replay_traffic(self, manager: ContinuousBatchingManager) -> None:
+        """Closed-loop traffic per ``warmup_streams`` level: a first wave of staggered lengths, so each worker's
+        second request arrives while the others decode at every stage (prefill and decode mixed at many
+        KV lengths), then the second wave."""
+        c = self.config
+        prompt = [0] * c.warmup_prompt_tokens
+        t0 = time.monotonic()
+        for n in c.warmup_streams:
+            for i in range(n):
+                first = max(1, c.warmup_output_tokens * (i + 1) // n)
+                manager.add_request(prompt, request_id=f"__warm_{n}_{i}_a", max_new_tokens=first, eos_token_id=-1)
+            finished = 0
+            while finished < 2 * n:
+                out = manager.get_result(timeout=120)
+                if out is None or out.status == RequestStatus.FAILED:
+                    reason = out.error if out else "no result in 120 s"
+                    raise EngineError(f"warm-up traffic failed at {n} streams: {reason}")
+                finished += 1
+                if out.request_id.endswith("_a"):
+                    manager.add_request(prompt, request_id=out.request_id[:-2] + "_b",
+                                        max_new_tokens=c.warmup_output_tokens, eos_token_id=-1)
+        log.info("warmup_traffic_done", seconds=round(time.monotonic() - t0, 1), levels=c.warmup_streams)
 
     def _vocab_size(self) -> int:
         return self.model.config.get_text_config().vocab_size
@@ -440,6 +476,19 @@ def _forget_handler(manager: ContinuousBatchingManager, request_id: str) -> None
     """Drop a request's output callback (the library removes it only after a finished output)."""
     with manager.output_router._lock:
         manager.output_router.result_handlers.pop(request_id, None)
+
+
+def _compile_layer_parts(model: torch.nn.Module) -> None:
+    """Compile the norms and MLP of every decoder layer, in place, for all batch sizes at once.
+
+    Why: their many small element-wise kernels dominate a decode step of the eager model, and unlike the
+    library's whole-step compile (which sees the paged-attention arguments) these parts depend only on the
+    number of tokens in the step, so one dynamic-shape compile serves every padded shape.
+    """
+    for layer in model.get_decoder().layers:
+        for name, child in layer.named_children():
+            if name.endswith("norm") or name == "mlp":
+                child.compile(dynamic=True)
 
 
 def _place_cache_with_layers(cache: Any, model: torch.nn.Module) -> None:
