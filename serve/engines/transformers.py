@@ -206,10 +206,12 @@ class TransformersEngine:
         )
         # Sampling on, with values the library only uses to decide which per-request processors to build
         # (it builds none for temperature 1.0 / top_p 1.0); every request then passes its own values.
+        # Compiled, no top-p: Inductor (torch 2.11) fails to generate its cumsum over the 151,552-token
+        # vocabulary, and the generation thread then hangs (H200, 2026-11-29, docs/gpu.md).
         gen = GenerationConfig(
             do_sample=True,
             temperature=0.5,
-            top_p=0.5,
+            top_p=0.5 if c.compile_level == 0 else None,
             top_k=self._vocab_size(),
             eos_token_id=self._eos_ids() or -1,
             pad_token_id=self.tokenizer.pad_token_id,
@@ -254,10 +256,17 @@ class TransformersEngine:
         return self.model.config.get_text_config().vocab_size
 
     def _sampling(self, request: GenerationRequest) -> dict[str, Any]:
-        """The library's per-request processor values: temperature 0 is greedy (top-k 1), as in OpenAI's API."""
+        """The library's per-request processor values: temperature 0 is greedy (top-k 1), as in OpenAI's API.
+
+        Only the keys the manager built processors for are passed (it refuses others): no top-p when compiled.
+        """
         if request.temperature == 0:
-            return {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
-        return {"temperature": float(request.temperature), "top_p": float(request.top_p), "top_k": self._vocab_size()}
+            values = {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
+        else:
+            values = {"temperature": float(request.temperature), "top_p": float(request.top_p),
+                      "top_k": self._vocab_size()}
+        supported = self._manager.logit_processor.supported_keys if self._manager is not None else values
+        return {k: v for k, v in values.items() if k in supported}
 
     def _eos_ids(self) -> list[int]:
         """Stop ids of a real model. Synthetic weights have no meaningful end: they stop at max_tokens."""
