@@ -36,9 +36,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the one model replica")
     p.add_argument("--fixed", default="", metavar="USERS:SECONDS", help="closed loop, all users started together")
     p.add_argument("--ramp", default="", metavar="LEVELS:SECONDS", help="step ramp, e.g. 1,2,4,8,16:30")
-    # The load test sizes prompts in words; serve/tokens.py counts ~1.28 tokens per such word, and the
-    # synthetic engine runs exactly the counted tokens: 400 words -> ~512 prompt tokens on the GPU.
-    p.add_argument("--input-words", type=int, default=400)
+    # The load test sizes prompts in serve/tokens.py's tokens (4 characters each); the chat wrapping adds ~7,
+    # and the synthetic engine runs exactly the counted tokens: 512 -> ~519 prompt tokens on the GPU.
+    p.add_argument("--input-tokens", type=int, default=512)
     p.add_argument("--no-server-metrics", action="store_true",
                    help="do not scrape Ray's metrics port (server KPIs then NOT MEASURED)")
     p.add_argument("--engine-options", default="{}", help="engine_options JSON (TransformersEngineConfig fields)")
@@ -103,7 +103,7 @@ def run_load(args: argparse.Namespace, name: str, spec: str, url: str, env: dict
     report = args.out / name
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
            "--only-summary", "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0",
-           "--short-share", "0", "--input-tokens", str(args.input_words), "--output-tokens", "256"]
+           "--short-share", "0", "--input-tokens", str(args.input_tokens), "--output-tokens", "256"]
     if name == "fixed":
         cmd += ["-u", users, "-r", users, "-t", f"{seconds}s"]
     else:  # every level is measured (the seed's table has them all), not only up to the first failing one
