@@ -162,6 +162,12 @@ class ModelServer:
         """Called by Ray Serve; raising makes Serve replace the replica."""
         await self.engine.check_health()
 
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica: the engine releases its GPUs and child processes."""
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)  # absent if __init__ failed early
+        if shutdown is not None:
+            await shutdown()
+
     async def kill(self) -> str:
         """Crash drill: exit the process shortly after answering (no cleanup, like a segfault)."""
         log.warning("replica_kill_requested", replica=self.replica_id)

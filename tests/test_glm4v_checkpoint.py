@@ -87,7 +87,7 @@ def engine(checkpoint, run):
     eng = TransformersEngine("tiny-glm4v", model_path=str(checkpoint), **ENGINE)
     run(eng.start())
     yield eng
-    run(eng.stop())
+    run(eng.shutdown())
 
 
 def png(width: int, height: int) -> ImageInput:

@@ -60,7 +60,7 @@ def engine(run):
     eng = TransformersEngine("tiny-glm", **TINY)
     run(eng.start())
     yield eng
-    run(eng.stop())
+    run(eng.shutdown())
 
 
 async def collect(eng: TransformersEngine, req: GenerationRequest) -> list[Delta | Finish]:
@@ -177,7 +177,7 @@ def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
         finish = run(collect(eng, req))[-1]
         assert (finish.prompt_tokens, finish.completion_tokens) == (len(ids), 6)
     finally:
-        run(eng.stop())
+        run(eng.shutdown())
 
 
 def test_temperature_zero_is_greedy_and_other_temperatures_sample_per_request(engine, run):
@@ -205,7 +205,7 @@ def test_warmup_traffic_replays_every_level_then_frees_the_cache(run):
         run(wait_idle(eng))
         assert run(collect(eng, request("after-warmup", max_tokens=3)))[-1].completion_tokens == 3
     finally:
-        run(eng.stop())
+        run(eng.shutdown())
 
 
 def test_bad_config_and_memory_budget_are_refused(run):

@@ -136,6 +136,9 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve (Ray Serve restarts the replica)."""
 
+    # Lifecycle, optional: ``async def shutdown(self) -> None`` releases what start() acquired (a
+    # launched vLLM child and its workers, the batching thread and its GPU memory); the replica calls it
+    # once when Serve stops it. Engines that hold nothing (the simulated one) need not define it.
     # Optional: ``async def check_ready(self) -> None`` raises EngineUnavailableError
     # while something outside the replica is missing (an upstream server); /healthz
     # then answers 503, and Serve does NOT restart the replica (a restart cannot help).

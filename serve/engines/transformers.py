@@ -299,8 +299,8 @@ class TransformersEngine:
             extra={"oom_events": self.oom_events, "num_blocks": cache.num_blocks, "block_size": cache.block_size},
         )
 
-    async def stop(self) -> None:
-        """Stop the batching thread (replica shutdown)."""
+    async def shutdown(self) -> None:
+        """Stop the batching thread and drop its paged cache and CUDA graphs (replica exit)."""
         manager, self._manager = self._manager, None
         if manager is not None:
             await asyncio.to_thread(manager.destroy)
