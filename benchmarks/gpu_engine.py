@@ -146,7 +146,7 @@ async def run_variant(name: str, options: dict[str, Any], args: argparse.Namespa
                   f"aggregate {level['aggregate_tps']:.0f} tok/s, mem {level['gpu_mem_used_gib']}", flush=True)
     finally:
         result["kv"] = engine.stats().extra
-        await engine.stop()
+        await engine.shutdown()
         del engine
         gc.collect()
         torch.cuda.empty_cache()

@@ -68,7 +68,7 @@ async def profile_engine(options: dict, out: Path) -> None:
         text = averages.table(sort_by=key, row_limit=18, max_name_column_width=60)
         print(text, flush=True)
         (out / f"profile_{key}.txt").write_text(text)
-    await engine.stop()
+    await engine.shutdown()
 
 
 def main() -> int:

@@ -3,12 +3,14 @@
 Everything runs on the host (no network there): a local Ray Serve app with one model replica over
 ``--gpus`` GPUs (synthetic GLM-4-9B weights unless ``--engine-options`` names a ``model_path``), then
 ``locust -f loadtest/`` headless with the seed's shape (text only, 512 in / 256 out, fixed length),
-closed loop at ``--users`` streams, server KPIs from Ray's metrics port. The load test's report
-folder (summary.json, requests.jsonl, report.html) lands in ``OUT/serve`` with a ``platform.json``
-for ``llmslo compare``; the server log in ``OUT/serve.log``.
+closed loop, server KPIs from Ray's metrics port. Both arrival patterns run against the same server,
+one after the other: ``--fixed USERS:SECONDS`` (all users started together) and ``--ramp
+LEVELS:SECONDS`` (a step ramp). Each load test's report folder (summary.json, requests.jsonl,
+report.html, platform.json for ``llmslo compare``) lands in ``OUT/fixed`` / ``OUT/ramp``; the
+server log in ``OUT/serve.log``.
 
-Usage: python3 benchmarks/gpu_serve.py --out DIR [--gpus 1] [--users 8] [--run-time 90s]
-           [--engine-options '{"kv_cache_gib": 4}'] [--platform-label "1×H100 (synthetic weights)"]
+Usage: python3 benchmarks/gpu_serve.py --out DIR [--gpus 1] [--fixed 8:90] [--ramp 1,2,4,8,16:30]
+           [--engine-options '{"kv_cache_gib": 4}'] [--platform-label "1×H200 (synthetic weights)"]
 """
 
 from __future__ import annotations
@@ -32,13 +34,11 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--gpus", type=int, default=1, help="GPUs of the one model replica")
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--run-time", default="90s")
-    # The load test sizes prompts in words; serve/tokens.py counts ~1.28 tokens per such word, and the
-    # synthetic engine runs exactly the counted tokens: 400 words -> ~512 prompt tokens on the GPU.
-    p.add_argument("--input-words", type=int, default=400)
-    p.add_argument("--step-users", default="", help="step ramp, e.g. 1,2,4,8,16,32 (instead of fixed --users)")
-    p.add_argument("--step-duration", type=int, default=40)
+    p.add_argument("--fixed", default="", metavar="USERS:SECONDS", help="closed loop, all users started together")
+    p.add_argument("--ramp", default="", metavar="LEVELS:SECONDS", help="step ramp, e.g. 1,2,4,8,16:30")
+    # The load test sizes prompts in serve/tokens.py's tokens (4 characters each); the chat wrapping adds ~7,
+    # and the synthetic engine runs exactly the counted tokens: 512 -> ~519 prompt tokens on the GPU.
+    p.add_argument("--input-tokens", type=int, default=512)
     p.add_argument("--no-server-metrics", action="store_true",
                    help="do not scrape Ray's metrics port (server KPIs then NOT MEASURED)")
     p.add_argument("--engine-options", default="{}", help="engine_options JSON (TransformersEngineConfig fields)")
@@ -82,17 +82,42 @@ def headline(summary_file: Path) -> dict[str, float | None]:
     """The numbers the GPU note quotes, read from the load test's own summary (its definitions)."""
     s = json.loads(summary_file.read_text())
     m = {k: v.get("all", {}) for k, v in s["metrics"].items()}
-    prompts = [json.loads(line).get("prompt_tokens") for line in (summary_file.parent / "requests.jsonl").open()]
-    prompts = [p for p in prompts if p]
+    records = [json.loads(line) for line in (summary_file.parent / "requests.jsonl").open()]
+    prompts = [r["prompt_tokens"] for r in records if r.get("prompt_tokens")]
+    ttfts = [r["ttft_s"] for r in sorted(records, key=lambda r: r["start_wall"]) if r.get("ttft_s") is not None]
     return {
         "requests": s["requests"]["total"], "failed": s["requests"]["failed"],
         "ttft_p50_s": m.get("ttft_seconds", {}).get("p50"), "ttft_p95_s": m.get("ttft_seconds", {}).get("p95"),
         "decode_tps_p10": m.get("decode_tokens_per_second", {}).get("p10"),
         "decode_tps_p50": m.get("decode_tokens_per_second", {}).get("p50"),
+        "ttft_max_s": max(ttfts, default=None), "ttft_first_s": ttfts[0] if ttfts else None,
         "prompt_tokens_mean": sum(prompts) / len(prompts) if prompts else None,
         "levels": [{"users": lv["level"], "requests": lv["requests"], **lv["kpis"],
                     "output_tokens_per_s": lv["output_tokens_per_s"]} for lv in s["levels"]],
     }
+
+
+def run_load(args: argparse.Namespace, name: str, spec: str, url: str, env: dict[str, str]) -> None:
+    """One load test against the running server; its report folder is OUT/<name>."""
+    users, seconds = spec.split(":")
+    report = args.out / name
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
+           "--only-summary", "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0",
+           "--short-share", "0", "--input-tokens", str(args.input_tokens), "--output-tokens", "256"]
+    if name == "fixed":
+        cmd += ["-u", users, "-r", users, "-t", f"{seconds}s"]
+    else:  # every level is measured (the seed's table has them all), not only up to the first failing one
+        levels = users.split(",")
+        cmd += ["-u", levels[-1], "-r", levels[-1], "-t", f"{len(levels) * int(seconds) + 5}s",
+                "--step-users", users, "--step-duration", seconds, "--step-keep-going"]
+    if not args.no_server_metrics:
+        cmd += ["--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
+    print(" ".join(cmd), flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=900)
+    label = args.platform_label or f"{args.gpus}×GPU transformers (synthetic weights)"
+    (report / "platform.json").write_text(json.dumps({"platform": f"{label}, {name}", "gpus": label}))
+    print(f"{name}: load test exit code {done.returncode} (0 pass, 1 an SLO failed, 3 run invalid)", flush=True)
+    print(json.dumps(headline(report / "summary.json")), flush=True)
 
 
 def main() -> int:
@@ -108,24 +133,9 @@ def main() -> int:
                               start_new_session=True)
     try:
         print(f"server ready after {wait_ready(url, server, args.ready_timeout):.0f} s", flush=True)
-        report = args.out / "serve"
-        cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
-               "-u", str(args.users), "-r", str(args.users), "-t", args.run_time, "--only-summary",
-               "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0", "--short-share", "0",
-               "--input-tokens", str(args.input_words), "--output-tokens", "256"]
-        if not args.no_server_metrics:
-            cmd += ["--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
-        if args.step_users:  # the ramp needs the whole of every step: -t covers them all
-            steps = len(args.step_users.split(","))
-            cmd[cmd.index("-t") + 1] = f"{steps * args.step_duration + 5}s"
-            # every level is measured (the seed's table has them all), not only up to the first failing one
-            cmd += ["--step-users", args.step_users, "--step-duration", str(args.step_duration), "--step-keep-going"]
-        print(" ".join(cmd), flush=True)
-        done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=900)
-        label = args.platform_label or f"{args.gpus}×GPU transformers (synthetic weights)"
-        (report / "platform.json").write_text(json.dumps({"platform": label, "gpus": label}))
-        print(f"load test exit code {done.returncode} (0 pass, 1 an SLO failed, 3 run invalid)", flush=True)
-        print(json.dumps(headline(report / "summary.json")), flush=True)
+        loads = [("fixed", args.fixed), ("ramp", args.ramp)]
+        for name, spec in [(n, v) for n, v in loads if v]:
+            run_load(args, name, spec, url, env)
         return 0
     finally:
         os.killpg(server.pid, signal.SIGTERM)

@@ -276,6 +276,8 @@ class Ingress:
                 if isinstance(item, ReplicaTiming):
                     rec.engine_first_token_unix, rec.engine_queue_wait_s = item.first_token_at, item.queue_wait_s
                     continue
+                if isinstance(item, StreamError) and item.kind == "unsupported":  # the input, not the server
+                    raise invalid(item.message, "messages", "unsupported_input")
                 if isinstance(item, StreamError):
                     status, code = _STREAM_ERRORS[item.kind]
                     raise server_error(item.message, code, status)

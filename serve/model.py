@@ -27,6 +27,7 @@ from serve.engines import create_engine
 from serve.engines.base import (
     Delta,
     EngineError,
+    EngineInputError,
     EngineOOMError,
     EngineOverloadedError,
     EngineUnavailableError,
@@ -67,7 +68,7 @@ class ReplicaTiming:
 class StreamError:
     """Last item of a failed stream (replaces Finish)."""
 
-    kind: Literal["oom", "overloaded", "unavailable", "engine"]
+    kind: Literal["oom", "overloaded", "unavailable", "unsupported", "engine"]
     message: str
 
 
@@ -81,6 +82,8 @@ def _classify(exc: BaseException) -> tuple[str, str | None]:
         return "overloaded", None
     if isinstance(exc, EngineUnavailableError):
         return "unavailable", None
+    if isinstance(exc, EngineInputError):
+        return "unsupported", None
     return "engine", None
 
 
@@ -177,6 +180,12 @@ class ModelServer:
     async def check_health(self) -> None:
         """Called by Ray Serve; raising makes Serve replace the replica."""
         await self.engine.check_health()
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica: the engine releases its GPUs and child processes."""
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)  # absent if __init__ failed early
+        if shutdown is not None:
+            await shutdown()
 
     async def kill(self) -> str:
         """Crash drill: exit the process shortly after answering (no cleanup, like a segfault)."""

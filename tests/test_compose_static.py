@@ -21,6 +21,7 @@ import yaml
 
 from contract.slo import load_slo
 from llmslo.catalogue import Ports, prometheus_config
+from serve.engines.upstream import UpstreamOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -249,17 +250,40 @@ def test_locust_points_at_serve_and_master(compose: dict[str, Any]) -> None:
     assert "ports" not in worker and "container_name" not in worker, "workers must scale"
 
 
-def test_gpu_profile_reserves_the_gpus_of_one_model_copy(compose: dict[str, Any]) -> None:
-    devices = compose["services"]["serve-gpu"]["deploy"]["resources"]["reservations"]["devices"]
-    gpu_command = compose["services"]["serve-gpu"]["command"]
-    per_replica = int(gpu_command[gpu_command.index("--gpus-per-replica") + 1])
-    assert per_replica == int(devices[0]["count"]) == load_slo().service.gpus_per_replica
+def _engine_options(command: list[str]) -> dict[str, Any]:
+    pairs = [command[i + 1].partition("=") for i, word in enumerate(command) if word == "--engine-option"]
+    return {key: json.loads(value) for key, _, value in pairs}
+
+
+def test_gpu_profiles_reserve_the_gpus_of_one_model_copy(compose: dict[str, Any]) -> None:
+    for name in ("serve-gpu", "serve-hf"):
+        devices = compose["services"][name]["deploy"]["resources"]["reservations"]["devices"]
+        gpu_command = compose["services"][name]["command"]
+        per_replica = int(gpu_command[gpu_command.index("--gpus-per-replica") + 1])
+        assert per_replica == int(devices[0]["count"]) == load_slo().service.gpus_per_replica
     assert "deploy" not in compose["services"]["serve-sim"]
     sim = compose["services"]["serve-sim"]["command"]
     assert sim[sim.index("--engine") + 1] == "simulated"
-    for name in ("serve-sim", "serve-gpu"):
+    for name in ("serve-sim", "serve-gpu", "serve-hf"):
         command = compose["services"][name]["command"]
         assert command[command.index("--metrics-port") + 1] == "8080" and "8080" in compose["services"][name]["expose"]
+
+
+@pytest.mark.parametrize("per_replica", ["1", "2"])  # >= 40 GB cards, 24 GB cards (README journey 1)
+def test_gpu_profile_serves_through_vllm_with_one_tensor_parallel_rank_per_gpu(per_replica: str) -> None:
+    compose = load_compose(LLMSLO_GPUS_PER_REPLICA=per_replica, LLMSLO_MODEL_DIR="glm-4.1v")
+    vllm, fallback = compose["services"]["serve-gpu"], compose["services"]["serve-hf"]
+    assert vllm["profiles"] == ["gpu"] and fallback["profiles"] == ["gpu-hf"]
+    assert vllm["build"]["target"] == "vllm" and vllm["build"]["args"]["VLLM_IMAGE"].startswith("vllm/vllm-openai:v")
+    command = vllm["command"]
+    assert command[command.index("--engine") + 1] == "upstream"
+    launch = UpstreamOptions.model_validate(_engine_options(command)).launch
+    assert launch is not None and launch.model_path == "/models/glm-4.1v"
+    assert launch.tensor_parallel_size == int(command[command.index("--gpus-per-replica") + 1]) == int(per_replica)
+    assert _engine_options(fallback["command"]) == {"model_path": "/models/glm-4.1v"}
+    assert fallback["command"][fallback["command"].index("--engine") + 1] == "transformers"
+    stages = re.findall(r"^FROM \S+(?: AS (\w+))?$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert stages == ["vllm", ""]  # the default build target (last stage) stays the plain image
 
 
 def test_services_have_healthchecks_restart_and_dependencies(compose: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """The transformers engine on CPU with a tiny random-weight GLM-4: streaming, counts,
-cancellation, OOM recovery and local-checkpoint loading, through the library's real
-continuous-batching thread (only the CUDA OOM is injected: no GPU here to run out of)."""
+cancellation, OOM recovery, per-request sampling and local-checkpoint loading, through the
+library's real continuous-batching thread (only the CUDA OOM is injected: no GPU here to run
+out of). The GLM-4.1V checkpoint path (vision tower, thinking) is in test_glm4v_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def engine(run):
     eng = TransformersEngine("tiny-glm", **TINY)
     run(eng.start())
     yield eng
-    run(eng.stop())
+    run(eng.shutdown())
 
 
 async def collect(eng: TransformersEngine, req: GenerationRequest) -> list[Delta | Finish]:
@@ -182,7 +183,35 @@ def test_loads_a_local_checkpoint_with_its_chat_template(tmp_path, run):
         finish = run(collect(eng, req))[-1]
         assert (finish.prompt_tokens, finish.completion_tokens) == (len(ids), 6)
     finally:
-        run(eng.stop())
+        run(eng.shutdown())
+
+
+def test_temperature_zero_is_greedy_and_other_temperatures_sample_per_request(engine, run):
+    async def tokens(temperature: float, top_p: float = 1.0) -> list[str]:
+        items = await collect(engine, request(f"t{temperature}-{top_p}", max_tokens=12, temperature=temperature,
+                                              top_p=top_p))
+        return "".join(d.content for d in items[:-1]).split()
+
+    async def mixed_batch():  # greedy and sampled requests share the library's batches
+        return await asyncio.gather(tokens(0.0), tokens(0.5), tokens(0.0), tokens(0.5), tokens(1.0, 0.9))
+
+    greedy_a, sampled_a, greedy_b, sampled_b, nucleus = run(mixed_batch())
+    assert greedy_a == greedy_b == run(tokens(0.0))  # argmax: the same tokens, batched or alone
+    assert sampled_a != sampled_b  # the seed's temperature=0.5 call gets sampled output
+    assert greedy_a not in (sampled_a, sampled_b, nucleus)
+    assert {len(t) for t in (greedy_a, sampled_a, nucleus)} == {12}
+
+
+def test_warmup_traffic_replays_every_level_then_frees_the_cache(run):
+    # on a GPU this runs inside start(); called directly here, where there are no CUDA graphs to capture
+    eng = TransformersEngine("tiny-glm", **TINY, warmup_streams=[1, 3], warmup_prompt_tokens=20, warmup_output_tokens=6)
+    run(eng.start())
+    try:
+        eng._replay_traffic(eng._manager)
+        run(wait_idle(eng))
+        assert run(collect(eng, request("after-warmup", max_tokens=3)))[-1].completion_tokens == 3
+    finally:
+        run(eng.shutdown())
 
 
 def test_bad_config_and_memory_budget_are_refused(run):

@@ -106,6 +106,12 @@ class EngineOverloadedError(EngineError):
     """The engine refuses new work right now (answered as 503, retryable)."""
 
 
+class EngineInputError(EngineError):
+    """The engine cannot run this request's input as sent (audio on a model without an audio
+    encoder, images on a text-only checkpoint): answered as 400 ``unsupported_input``, since a
+    retry cannot help and silently dropping the part would answer a different question."""
+
+
 class EngineUnavailableError(EngineError):
     """The server the engine relies on cannot be reached (the upstream engine's
     inference server is down): answered as 503, and ``/healthz`` reports it."""
@@ -130,6 +136,9 @@ class Engine(Protocol):
     async def check_health(self) -> None:
         """Raise if the engine can no longer serve (Ray Serve restarts the replica)."""
 
+    # Lifecycle, optional: ``async def shutdown(self) -> None`` releases what start() acquired (a
+    # launched vLLM child and its workers, the batching thread and its GPU memory); the replica calls it
+    # once when Serve stops it. Engines that hold nothing (the simulated one) need not define it.
     # Optional: ``async def check_ready(self) -> None`` raises EngineUnavailableError
     # while something outside the replica is missing (an upstream server); /healthz
     # then answers 503, and Serve does NOT restart the replica (a restart cannot help).

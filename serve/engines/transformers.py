@@ -3,23 +3,30 @@
 A replica holds one model: a local Hugging Face checkpoint (``model_path``; never downloaded,
 ``trust_remote_code`` off) or, when none is given, the GLM-4-9B architecture with random
 weights (``synthetic_glm``; reported as synthetic weights). Scheduling, paged KV cache, CUDA
-graphs and sampling are the library's (``model.init_continuous_batching``); this module only
-turns a :class:`GenerationRequest` into token ids, streams the manager's per-request outputs as
-:class:`Delta` items, cancels a request when its consumer goes away, and turns a CUDA OOM,
+graphs and per-request sampling (temperature, top-p, greedy as top-k 1) are the library's
+(``model.init_continuous_batching``); this module only turns a :class:`GenerationRequest` into token
+ids, streams the manager's per-request outputs as :class:`Delta` items (text after the chat
+template's ``</think>`` as content, before it as reasoning), cancels a request when its consumer
+goes away, and turns a CUDA OOM,
 which kills the library's generation thread, into :class:`EngineOOMError` followed by a rebuilt
 manager, so the replica keeps serving without a restart. A replica with several GPUs runs the
 model tensor-parallel, one process per GPU (serve/engines/tensor_parallel.py); this process is rank 0.
+Requests with images on a GLM-4.1V-style
+checkpoint take the library's ``generate()`` through the vision tower instead
+(serve/engines/hf_vision.py): continuous batching takes token ids only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+import structlog
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -30,9 +37,10 @@ from transformers.generation.continuous_batching.continuous_api import (
 )
 from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
 
-from serve.engines import gqa_attention, synthetic_glm, tensor_parallel
+from serve.engines import gqa_attention, hf_vision, synthetic_glm, tensor_parallel
 from serve.engines.base import (
     EngineError,
+    EngineInputError,
     EngineOOMError,
     EngineOverloadedError,
     EngineStats,
@@ -41,6 +49,7 @@ from serve.engines.base import (
     GenerationRequest,
 )
 
+log = structlog.get_logger("llmslo.engine")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _POLL_S = 1.0  # how often a waiting stream checks that the generation thread is still alive
 
@@ -71,8 +80,15 @@ class TransformersEngineConfig(BaseModel):
     kv_padding_interval: int = Field(256, ge=0)
     async_batching: bool | None = None  # None: the library decides
     compile_level: int = Field(0, ge=0, le=3)  # the library's default_compile_level
+    compile_layers: bool = False  # torch.compile each decoder layer's norms and MLP (dynamic shapes)
     prefix_caching: bool = False  # off: every request pays its full prefill, as the benchmark assumes
     warmup: bool = True
+    # Before readiness (GPU only), replay closed-loop traffic at these concurrencies with this shape, so the
+    # padded batch shapes real traffic meets have their CUDA graphs (and compiled code) before the first user
+    # request: a shape first met under load costs its capture inside some request's TTFT (docs/gpu.md).
+    warmup_streams: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
+    warmup_prompt_tokens: int = Field(512, gt=0)
+    warmup_output_tokens: int = Field(256, gt=0)
     seed: int = 0
     gpu_memory_limit_gib: float = Field(50.0, gt=0)  # refuse to start above this (weights + KV estimate)
 
@@ -90,6 +106,7 @@ class TransformersEngine:
         self.oom_events = 0  # CUDA OOMs caught since start (the API layer counts them from the raised errors)
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
+        self.vision: hf_vision.VisionRunner | None = None  # image requests on a checkpoint with a vision tower
         self._manager: ContinuousBatchingManager | None = None
         self._ready = threading.Event()
         self._rebuild_lock = threading.Lock()
@@ -116,9 +133,13 @@ class TransformersEngine:
                 self.model = synthetic_glm.build_model(cfg, device, _DTYPES[self.config.dtype], self.config.seed, mesh)
             else:
                 self.model, self.tokenizer = self._load_checkpoint(device, mesh)
+                if hasattr(self.model.config, "vision_config"):
+                    self.vision = hf_vision.VisionRunner(self.model, self.tokenizer, self.config.model_path)
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
+            if self.config.compile_layers:
+                _compile_layer_parts(self.model)
             self._manager = self._new_manager()
         except torch.OutOfMemoryError as exc:
             raise EngineOOMError(f"out of GPU memory while loading the model: {exc}") from exc
@@ -202,9 +223,17 @@ class TransformersEngine:
             default_compile_level=c.compile_level,
             seed=c.seed,
             cpu_group_timeout=tensor_parallel.CPU_GROUP_TIMEOUT_S,
+            per_request_processors=True,
         )
+        # Sampling on, with values the library only uses to decide which per-request processors to build
+        # (it builds none for temperature 1.0 / top_p 1.0); every request then passes its own values.
+        # Compiled, no top-p: Inductor (torch 2.11) fails to generate its cumsum over the 151,552-token
+        # vocabulary, and the generation thread then hangs (H200, 2026-11-29, docs/gpu.md).
         gen = GenerationConfig(
-            do_sample=False,
+            do_sample=True,
+            temperature=0.5,
+            top_p=0.5 if c.compile_level == 0 else None,
+            top_k=self._vocab_size(),
             eos_token_id=self._eos_ids() or -1,
             pad_token_id=self.tokenizer.pad_token_id,
         )
@@ -212,7 +241,48 @@ class TransformersEngine:
         if c.warmup and on_gpu:
             manager.warmup()
         manager.start()
+        if c.warmup and on_gpu:
+            self._replay_traffic(manager)
         return manager
+
+    def _replay_traffic(self, manager: ContinuousBatchingManager) -> None:
+        """Closed-loop traffic per ``warmup_streams`` level: a first wave of staggered lengths, so each worker's
+        second request arrives while the others decode at every stage (prefill and decode mixed at many
+        KV lengths), then the second wave."""
+        c = self.config
+        prompt = [0] * c.warmup_prompt_tokens
+        t0 = time.monotonic()
+        for n in c.warmup_streams:
+            for i in range(n):
+                first = max(1, c.warmup_output_tokens * (i + 1) // n)
+                manager.add_request(prompt, request_id=f"__warm_{n}_{i}_a", max_new_tokens=first, eos_token_id=-1)
+            finished = 0
+            while finished < 2 * n:
+                out = manager.get_result(timeout=120)
+                if out is None or out.status == RequestStatus.FAILED:
+                    reason = out.error if out else "no result in 120 s"
+                    raise EngineError(f"warm-up traffic failed at {n} streams: {reason}")
+                finished += 1
+                if out.request_id.endswith("_a"):
+                    manager.add_request(prompt, request_id=out.request_id[:-2] + "_b",
+                                        max_new_tokens=c.warmup_output_tokens, eos_token_id=-1)
+        log.info("warmup_traffic_done", seconds=round(time.monotonic() - t0, 1), levels=c.warmup_streams)
+
+    def _vocab_size(self) -> int:
+        return self.model.config.get_text_config().vocab_size
+
+    def _sampling(self, request: GenerationRequest) -> dict[str, Any]:
+        """The library's per-request processor values: temperature 0 is greedy (top-k 1), as in OpenAI's API.
+
+        Only the keys the manager built processors for are passed (it refuses others): no top-p when compiled.
+        """
+        if request.temperature == 0:
+            values = {"temperature": 1.0, "top_p": 1.0, "top_k": 1}
+        else:
+            values = {"temperature": float(request.temperature), "top_p": float(request.top_p),
+                      "top_k": self._vocab_size()}
+        supported = self._manager.logit_processor.supported_keys if self._manager is not None else values
+        return {k: v for k, v in values.items() if k in supported}
 
     def _eos_ids(self) -> list[int]:
         """Stop ids of a real model. Synthetic weights have no meaningful end: they stop at max_tokens."""
@@ -247,8 +317,8 @@ class TransformersEngine:
             extra={"oom_events": self.oom_events, "num_blocks": cache.num_blocks, "block_size": cache.block_size},
         )
 
-    async def stop(self) -> None:
-        """Stop the batching thread (replica shutdown)."""
+    async def shutdown(self) -> None:
+        """Stop the batching thread and drop its paged cache and CUDA graphs (replica exit)."""
         manager, self._manager = self._manager, None
         if manager is not None:
             await asyncio.to_thread(manager.destroy)
@@ -258,25 +328,55 @@ class TransformersEngine:
     # ------------------------------------------------------------------ requests
 
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Token ids the model sees for ``request``.
+        """Token ids the model sees for a text-only ``request``.
 
-        A real checkpoint gets its chat template. With synthetic weights the content is meaningless and
-        only the length matters, so the prompt is the request's words, repeated or cut to exactly
-        ``request.prompt_tokens`` (the API layer's count, images included) — the benchmark's
-        512-token prompt is then 512 tokens on the GPU, and both sides report the same count.
+        A real checkpoint gets its chat template (``enable_thinking`` passed through, as GLM templates
+        read it). With synthetic weights the content is meaningless and only the length matters, so
+        the prompt is the request's words, repeated or cut to exactly ``request.prompt_tokens`` (the
+        API layer's count, images included: synthetic weights charge an image its counted tokens but
+        never run it) — the benchmark's 512-token prompt is then 512 tokens on the GPU, and both sides
+        report the same count.
         """
         if not self.synthetic_weights:
             chat = [{"role": m.role, "content": m.text} for m in request.messages]
             return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=False))
+                                                           return_dict=False, enable_thinking=request.thinking))
         text = "\n".join(m.text for m in request.messages)
         words = self.tokenizer(text, add_special_tokens=False).input_ids or [self.tokenizer.unk_token_id]
         n = max(1, request.prompt_tokens)
         return (words * (n // len(words) + 1))[:n]
 
+    def _check_input(self, request: GenerationRequest) -> None:
+        """Refuse what a real checkpoint cannot run, rather than answer without it."""
+        if self.synthetic_weights:
+            return
+        if any(m.audios for m in request.messages):
+            raise EngineInputError(f"model {self.model_id!r} has no audio encoder: audio input is not supported")
+        if any(m.images for m in request.messages) and self.vision is None:
+            raise EngineInputError(f"model {self.model_id!r} is a text-only checkpoint: image input is not supported")
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Delta | Finish]:
         """Stream the request's tokens; closing or cancelling the consumer cancels it in the batch."""
+        self._check_input(request)
         await asyncio.to_thread(self._ready.wait)
+        eos = -1 if request.ignore_eos else (self._eos_ids() or -1)
+        if self.vision is not None and any(m.images for m in request.messages):
+            inputs = await asyncio.to_thread(self.vision.inputs, request)
+            prompt = inputs["input_ids"][0].tolist()
+            tokens = self.vision.stream(inputs, request, eos)
+        else:
+            prompt, tokens = self._submit(request, eos)
+        text = _Detokenizer(self.tokenizer, request, prompt)
+        async with contextlib.aclosing(tokens):
+            async for ids in tokens:
+                if (delta := text.update(ids)) is not None:
+                    yield delta
+                if text.stopped:
+                    break
+        yield text.finish(len(prompt), request.max_tokens)
+
+    def _submit(self, request: GenerationRequest, eos: int | list[int]) -> tuple[list[int], AsyncIterator[list[int]]]:
+        """Add a text-only request to the continuous batch: its prompt ids and its stream of generated ids."""
         manager = self._manager
         if manager is None:
             raise EngineError("engine stopped")
@@ -284,59 +384,37 @@ class TransformersEngine:
         request_id = f"{request.request_id}#{next(self._ids)}"
         outputs: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         manager.register_result_handler(request_id, outputs.put_nowait)
-        added = manager.add_request(
-            input_ids,
-            request_id=request_id,
-            max_new_tokens=request.max_tokens,
-            streaming=True,
-            eos_token_id=-1 if request.ignore_eos else (self._eos_ids() or -1),
-        )
+        added = manager.add_request(input_ids, request_id=request_id, max_new_tokens=request.max_tokens,
+                                    streaming=True, eos_token_id=eos, **self._sampling(request))
         if added is None:
             _forget_handler(manager, request_id)
             raise EngineOverloadedError("the batching thread is not accepting requests (restarting)")
-        done = False
+        return input_ids, self._tokens(manager, request_id, outputs)
+
+    async def _tokens(self, manager: ContinuousBatchingManager, request_id: str,
+                      outputs: asyncio.Queue[GenerationOutput]) -> AsyncIterator[list[int]]:
+        """Generated ids so far, per output of the library's thread; closed early, it cancels the request."""
+        settled = False  # finished or failed: already gone from the batch
         try:
-            async for item in self._stream(manager, request, request_id, input_ids, outputs):
-                if isinstance(item, Finish):
-                    done = True
-                yield item
-        except EngineError:
-            done = True  # a failed request is already gone from the batch
-            raise
+            while True:
+                try:
+                    out = await asyncio.wait_for(outputs.get(), timeout=_POLL_S)
+                except asyncio.TimeoutError:
+                    if manager.is_running():
+                        continue
+                    out = GenerationOutput(request_id=request_id, status=RequestStatus.FAILED,
+                                           error="continuous-batching thread stopped")
+                if out.status == RequestStatus.FAILED:
+                    settled = True
+                    raise await asyncio.to_thread(self._failure, manager, out)
+                settled = out.is_finished()
+                yield out.generated_tokens
+                if settled:
+                    return
         finally:
-            if not done:
+            if not settled:
                 manager.cancel_request(request_id)
             _forget_handler(manager, request_id)
-
-    async def _stream(self, manager: ContinuousBatchingManager, request: GenerationRequest, request_id: str,
-                      input_ids: list[int], outputs: asyncio.Queue[GenerationOutput]
-                      ) -> AsyncIterator[Delta | Finish]:
-        sent_tokens, sent_text = 0, ""
-        while True:
-            try:
-                out = await asyncio.wait_for(outputs.get(), timeout=_POLL_S)
-            except asyncio.TimeoutError:
-                if manager.is_running():
-                    continue
-                out = GenerationOutput(request_id=request_id, status=RequestStatus.FAILED,
-                                       error="continuous-batching thread stopped")
-            if out.status == RequestStatus.FAILED:
-                raise await asyncio.to_thread(self._failure, manager, out)
-            tokens = out.generated_tokens
-            if len(tokens) > sent_tokens:
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                stop_at = _first_stop(text, request.stop, len(sent_text))
-                if stop_at is not None:
-                    yield Delta(content=text[len(sent_text):stop_at], tokens=len(tokens) - sent_tokens)
-                    manager.cancel_request(request_id)
-                    yield Finish("stop", len(input_ids), len(tokens), 0)
-                    return
-                yield Delta(content=text[len(sent_text):], tokens=len(tokens) - sent_tokens)
-                sent_tokens, sent_text = len(tokens), text
-            if out.is_finished():
-                reason = "length" if len(tokens) >= request.max_tokens else "stop"
-                yield Finish(reason, len(input_ids), len(tokens), 0)
-                return
 
     def _failure(self, manager: ContinuousBatchingManager, out: GenerationOutput) -> EngineError:
         """Classify a failed request; if the generation thread died with it, rebuild the manager first."""
@@ -374,6 +452,51 @@ class TransformersEngine:
                 self._ready.set()
 
 
+class _Detokenizer:
+    """A request's cumulative generated ids as Delta items.
+
+    Thinking: when the output opens with ``<think>`` (or the chat template's prompt ends with it,
+    as GLM thinking templates may write) and the vocabulary has ``</think>``, the ids up to and
+    including ``</think>`` are reasoning (counted as ``reasoning_tokens``) and the rest is content,
+    as vLLM's GLM reasoning parser splits them. Stop strings apply to the content only.
+    """
+
+    def __init__(self, tokenizer: Any, request: GenerationRequest, prompt: list[int]) -> None:
+        vocab = tokenizer.get_vocab() if request.thinking else {}
+        self.think_start, self.think_end = vocab.get("<think>"), vocab.get("</think>")
+        self.opened_in_prompt = self.think_start is not None and prompt[-1:] == [self.think_start]
+        self.tokenizer, self.stops = tokenizer, request.stop
+        self.tokens: list[int] = []
+        self.reasoning_tokens, self.reasoning, self.content, self.stopped = 0, "", "", False
+
+    def _split(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """(reasoning ids, content ids)."""
+        if self.think_end is None or not (self.opened_in_prompt or ids[:1] == [self.think_start]):
+            return [], ids
+        end = ids.index(self.think_end) + 1 if self.think_end in ids else len(ids)
+        return ids[:end], ids[end:]
+
+    def update(self, ids: list[int]) -> Delta | None:
+        """The text ``ids`` add to what was sent, or None when they add no token."""
+        if len(ids) <= len(self.tokens):
+            return None
+        thought, answer = self._split(ids)
+        tags = (self.think_start, self.think_end)
+        reasoning = self.tokenizer.decode([t for t in thought if t not in tags], skip_special_tokens=True)
+        content = self.tokenizer.decode(answer, skip_special_tokens=True)
+        stop_at = _first_stop(content, self.stops, len(self.content))
+        if stop_at is not None:
+            content, self.stopped = content[:stop_at], True
+        delta = Delta(content=content[len(self.content):], reasoning=reasoning[len(self.reasoning):],
+                      tokens=len(ids) - len(self.tokens))
+        self.tokens, self.reasoning_tokens, self.reasoning, self.content = list(ids), len(thought), reasoning, content
+        return delta
+
+    def finish(self, prompt_tokens: int, max_tokens: int) -> Finish:
+        reason = "length" if len(self.tokens) >= max_tokens and not self.stopped else "stop"
+        return Finish(reason, prompt_tokens, len(self.tokens), self.reasoning_tokens)
+
+
 def _first_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     """Index where the earliest stop string begins, searching only text that may contain a new match."""
     hits = [i for s in stops if s and (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
@@ -385,3 +508,15 @@ def _forget_handler(manager: ContinuousBatchingManager, request_id: str) -> None
     with manager.output_router._lock:
         manager.output_router.result_handlers.pop(request_id, None)
 
+
+def _compile_layer_parts(model: torch.nn.Module) -> None:
+    """Compile the norms and MLP of every decoder layer, in place, for all batch sizes at once.
+
+    Why: their many small element-wise kernels dominate a decode step of the eager model, and unlike the
+    library's whole-step compile (which sees the paged-attention arguments) these parts depend only on the
+    number of tokens in the step, so one dynamic-shape compile serves every padded shape.
+    """
+    for layer in model.get_decoder().layers:
+        for name, child in layer.named_children():
+            if name.endswith("norm") or name == "mlp":
+                child.compile(dynamic=True)

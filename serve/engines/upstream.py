@@ -4,7 +4,9 @@ Why: the real model runs best in a dedicated inference server; this engine lets
 the same ingress, metrics, fault drills and load tests measure it unchanged.
 Either ``base_url`` names a running server, or ``launch`` makes the replica start
 ``vllm serve ... --tensor-parallel-size N`` on the GPUs Ray gave it (the child
-inherits ``CUDA_VISIBLE_DEVICES``) and wait until its ``/health`` answers.
+inherits ``CUDA_VISIBLE_DEVICES``) and wait until its ``/health`` answers; ``shutdown`` (called when
+the replica exits) stops that child and its tensor-parallel workers, so a replaced replica never
+leaves a vLLM holding the GPUs the next one needs.
 
 Errors map onto the engine interface: an upstream error whose code or message
 says out-of-memory becomes EngineOOMError(source="upstream") (counted like a
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +42,7 @@ from serve.engines.base import (
 
 OOM_MARKERS = ("out of memory", "out_of_memory", "outofmemory")
 READY_TIMEOUT_S = 2.0
+SHUTDOWN_GRACE_S = 30.0  # vLLM frees its GPUs and workers on SIGTERM within seconds
 
 
 class LaunchOptions(BaseModel):
@@ -143,7 +148,9 @@ class UpstreamEngine:
     async def _launch(self, launch: LaunchOptions) -> None:
         """Start ``vllm serve`` and wait for its /health; it shares this replica's GPUs."""
         port = launch.port or _free_port()
-        self._process = await asyncio.create_subprocess_exec(*launch_command(launch, self.model_id, port))
+        # its own process group: shutdown() can then reach vLLM's worker processes too
+        self._process = await asyncio.create_subprocess_exec(*launch_command(launch, self.model_id, port),
+                                                             start_new_session=True)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + launch.ready_timeout_s
         async with httpx.AsyncClient(timeout=5) as client:
@@ -157,6 +164,21 @@ class UpstreamEngine:
                     pass
                 await asyncio.sleep(2)
         raise EngineError(f"vllm serve not healthy after {launch.ready_timeout_s:g} s")
+
+    async def shutdown(self) -> None:
+        """Close the HTTP client; stop a launched vLLM (SIGTERM to its group, SIGKILL after the grace period)."""
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+        process, self._process = self._process, None
+        if process is None or process.returncode is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), SHUTDOWN_GRACE_S)
+        except asyncio.TimeoutError:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
 
     def stats(self) -> EngineStats:
         return EngineStats(running=self._running, waiting=0, kv_cache_usage=0.0)
