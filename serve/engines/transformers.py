@@ -77,7 +77,7 @@ class TransformersEngineConfig(BaseModel):
     kv_padding_interval: int = Field(256, ge=0)
     async_batching: bool | None = None  # None: the library decides
     compile_level: int = Field(0, ge=0, le=3)  # the library's default_compile_level
-    compile_layers: bool = False  # torch.compile each decoder layer's norms and MLP (dynamic shapes)
+    compile_layers: bool = True  # torch.compile each decoder layer's norms and MLP; one-GPU CUDA replicas only
     prefix_caching: bool = False  # off: every request pays its full prefill, as the benchmark assumes
     warmup: bool = True
     # Before readiness (GPU only), replay closed-loop traffic at these concurrencies with this shape, so the
@@ -130,7 +130,7 @@ class TransformersEngine:
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
-            if self.config.compile_layers:
+            if self.config.compile_layers and len(devices) == 1 and devices[0].type == "cuda":
                 _compile_layer_parts(self.model)
             self._manager = self._new_manager()
         except torch.OutOfMemoryError as exc:
