@@ -104,6 +104,7 @@ class TransformersEngine:
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.vision: hf_vision.VisionRunner | None = None  # image requests on a checkpoint with a vision tower
+        self.think_ids: tuple[int | None, int | None] = (None, None)  # ids of <think>, </think> if the vocab has them
         self._manager: ContinuousBatchingManager | None = None
         self._ready = threading.Event()
         self._rebuild_lock = threading.Lock()
@@ -127,6 +128,8 @@ class TransformersEngine:
                 self.model, self.tokenizer = self._load_checkpoint(devices)
                 if hasattr(self.model.config, "vision_config"):
                     self.vision = hf_vision.VisionRunner(self.model, self.tokenizer, self.config.model_path)
+            vocab = self.tokenizer.get_vocab()
+            self.think_ids = (vocab.get("<think>"), vocab.get("</think>"))
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
@@ -346,7 +349,7 @@ class TransformersEngine:
             tokens = self.vision.stream(inputs, request, eos)
         else:
             prompt, tokens = self._submit(request, eos)
-        text = _Detokenizer(self.tokenizer, request, prompt)
+        text = _Detokenizer(self.tokenizer, request, prompt, self.think_ids)
         async with contextlib.aclosing(tokens):
             async for ids in tokens:
                 if (delta := text.update(ids)) is not None:
@@ -439,9 +442,9 @@ class _Detokenizer:
     as vLLM's GLM reasoning parser splits them. Stop strings apply to the content only.
     """
 
-    def __init__(self, tokenizer: Any, request: GenerationRequest, prompt: list[int]) -> None:
-        vocab = tokenizer.get_vocab() if request.thinking else {}
-        self.think_start, self.think_end = vocab.get("<think>"), vocab.get("</think>")
+    def __init__(self, tokenizer: Any, request: GenerationRequest, prompt: list[int],
+                 think_ids: tuple[int | None, int | None]) -> None:
+        self.think_start, self.think_end = think_ids if request.thinking else (None, None)
         self.opened_in_prompt = self.think_start is not None and prompt[-1:] == [self.think_start]
         self.tokenizer, self.stops = tokenizer, request.stop
         self.tokens: list[int] = []
