@@ -438,8 +438,8 @@ class _Detokenizer:
 
     Thinking: when the output opens with ``<think>`` (or the chat template's prompt ends with it,
     as GLM thinking templates may write) and the vocabulary has ``</think>``, the ids up to and
-    including ``</think>`` are reasoning (counted as ``reasoning_tokens``) and the rest is content,
-    as vLLM's GLM reasoning parser splits them. Stop strings apply to the content only.
+    including ``</think>`` are reasoning (counted as ``reasoning_tokens``, as OpenAI counts them) and
+    the rest is content. Stop strings apply to the content only.
     """
 
     def __init__(self, tokenizer: Any, request: GenerationRequest, prompt: list[int],
