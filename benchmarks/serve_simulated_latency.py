@@ -128,10 +128,11 @@ def start_server(replicas: int = 1, env: dict[str, str] | None = None) -> tuple[
 
 
 def verdict(stats: dict[str, float], key: str) -> str:
-    """Whether the mean lies within the seed's +/- and the sd is at most it."""
+    """Whether the mean lies within the seed's +/- and the sd is that +/- (within 30 %)."""
     target, tol = TARGETS[key]
     mean_ok = "within" if abs(stats["mean"] - target) <= tol else "OUTSIDE"
-    return f"mean {mean_ok}, sd {'<=' if stats['sd'] <= tol else '>'} {tol}"
+    sd_ok = "matches" if abs(stats["sd"] - tol) <= 0.3 * tol else "differs"
+    return f"mean {mean_ok}, sd {sd_ok}"
 
 
 def main() -> int:

@@ -32,7 +32,7 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   decoding, Ray's router), ``queue`` the engine's own queue, ``prefill`` the
   rest until the engine's first token, ``relay`` engine's first token -> the
   ingress handing its bytes to the HTTP server. Observed by the ingress when a
-  request ends, for requests that passed every hop.
+  streamed request ends, if it passed every hop.
 - ``ray_llmslo_itl_seconds{model}``: gap between consecutive token arrivals at
   the ingress, divided by the tokens the later arrival carries.
 - ``ray_llmslo_tpot_seconds{model}``: per request, (e2e - ttft) / (completion

@@ -88,9 +88,10 @@ class RequestRecord:
         }
 
     def _observe_hops(self) -> None:
-        """TTFT split into hops (``ray_llmslo_ttft_hop_seconds``), for requests that had every hop."""
+        """TTFT split into hops (``ray_llmslo_ttft_hop_seconds``), for streams that had every hop (a plain
+        answer's "first byte" is its whole body, so its relay hop would hold the whole generation)."""
         t = self.timing()
-        if any(v is None for v in t.values()):
+        if not self.stream or any(v is None for v in t.values()):
             return
         hops = {
             "routing": t[T.REPLICA_STARTED],

@@ -128,7 +128,8 @@ def test_reasoning_ends_at_the_closing_tag_and_content_follows(engine):
     from serve.engines.transformers import _Detokenizer
 
     think, end = SPECIAL.index("<think>"), SPECIAL.index("</think>")
-    text = _Detokenizer(engine.tokenizer, ask(thinking=True, stop=("w30",)), prompt=[1, 2])
+    assert engine.think_ids == (think, end)
+    text = _Detokenizer(engine.tokenizer, ask(thinking=True, stop=("w30",)), [1, 2], engine.think_ids)
     first = text.update([think, 100, 101])
     second = text.update([think, 100, 101, end, 200, 201, 30, 202])
     assert (first.reasoning, first.content, first.tokens) == ("w100 w101", "", 3)

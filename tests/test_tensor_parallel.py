@@ -28,7 +28,7 @@ from serve.engines.transformers import TransformersEngine  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 # A process holds one tensor-parallel group (torch's default process group): the tests that start
-# their own engine come after test_stop_ends_every_rank has stopped the module's engine.
+# their own engine come after the killed-rank test has stopped the module's engine.
 
 TWO_RANKS = {**TINY, "cpu_ranks": 2}
 # Concurrent requests of different lengths; 150 prompt tokens > max_batch_tokens (128): chunked prefill.
@@ -122,15 +122,20 @@ def test_oom_on_rank_0_fails_its_requests_and_both_ranks_rebuild(two_ranks, run)
     run(both_idle(two_ranks))
 
 
-def test_stop_ends_every_rank(two_ranks, run):
-    worker = two_ranks.tp_group.workers[0]
+# The library's generation thread on rank 0 dies when its peer does; its error handler's own
+# all-reduce then fails too, and that exception leaves the thread (pytest reports it as a warning).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_killed_rank_fails_the_health_check_and_stop_does_not_hang(two_ranks, run):
+    run(two_ranks.check_health())
+    two_ranks.tp_group.workers[0].kill()
+    with pytest.raises(EngineError, match="rank 1"):
+        run(two_ranks.check_health())
     run(two_ranks.stop())
-    assert worker.proc.returncode == 0
     assert not dist.is_initialized()
 
 
-def test_a_checkpoint_loads_sharded_and_generates_the_tokens_of_one_rank(tmp_path, run):
-    """The library's TP loader (``from_pretrained(distributed_config=...)``) on a local checkpoint."""
+def test_a_checkpoint_loads_sharded_and_stop_ends_every_rank(tmp_path, run):
+    """The library's TP loader (``from_pretrained(distributed_config=...)``): the tokens of one rank."""
     save_tiny_checkpoint(tmp_path)
     got = {}
     for ranks in (1, 2):
@@ -142,21 +147,7 @@ def test_a_checkpoint_loads_sharded_and_generates_the_tokens_of_one_rank(tmp_pat
         finally:
             run(eng.stop())
     assert got[2] == got[1]
-
-
-# The library's generation thread on rank 0 dies when its peer does; its error handler's own
-# all-reduce then fails too, and that exception leaves the thread (pytest reports it as a warning).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_killed_rank_fails_the_health_check_and_stop_does_not_hang(run):
-    eng = TransformersEngine("tiny-glm", **TWO_RANKS)
-    run(eng.start())
-    try:
-        run(eng.check_health())
-        eng.tp_group.workers[0].kill()
-        with pytest.raises(EngineError, match="rank 1"):
-            run(eng.check_health())
-    finally:
-        run(eng.stop())
+    assert eng.tp_group.workers[0].proc.returncode == 0  # rank 1 left on "stop", not killed
     assert not dist.is_initialized()
 
 

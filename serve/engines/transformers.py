@@ -80,7 +80,7 @@ class TransformersEngineConfig(BaseModel):
     kv_padding_interval: int = Field(256, ge=0)
     async_batching: bool | None = None  # None: the library decides
     compile_level: int = Field(0, ge=0, le=3)  # the library's default_compile_level
-    compile_layers: bool = False  # torch.compile each decoder layer's norms and MLP (dynamic shapes)
+    compile_layers: bool = True  # torch.compile each decoder layer's norms and MLP; one-GPU CUDA replicas only
     prefix_caching: bool = False  # off: every request pays its full prefill, as the benchmark assumes
     warmup: bool = True
     # Before readiness (GPU only), replay closed-loop traffic at these concurrencies with this shape, so the
@@ -107,6 +107,7 @@ class TransformersEngine:
         self.model: torch.nn.Module | None = None
         self.tokenizer: Any = None
         self.vision: hf_vision.VisionRunner | None = None  # image requests on a checkpoint with a vision tower
+        self.think_ids: tuple[int | None, int | None] = (None, None)  # ids of <think>, </think> if the vocab has them
         self._manager: ContinuousBatchingManager | None = None
         self._ready = threading.Event()
         self._rebuild_lock = threading.Lock()
@@ -135,10 +136,12 @@ class TransformersEngine:
                 self.model, self.tokenizer = self._load_checkpoint(device, mesh)
                 if hasattr(self.model.config, "vision_config"):
                     self.vision = hf_vision.VisionRunner(self.model, self.tokenizer, self.config.model_path)
+            vocab = self.tokenizer.get_vocab()
+            self.think_ids = (vocab.get("<think>"), vocab.get("</think>"))
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
-            if self.config.compile_layers:
+            if self.config.compile_layers and len(devices) == 1 and devices[0].type == "cuda":
                 _compile_layer_parts(self.model)
             self._manager = self._new_manager()
         except torch.OutOfMemoryError as exc:
@@ -366,7 +369,7 @@ class TransformersEngine:
             tokens = self.vision.stream(inputs, request, eos)
         else:
             prompt, tokens = self._submit(request, eos)
-        text = _Detokenizer(self.tokenizer, request, prompt)
+        text = _Detokenizer(self.tokenizer, request, prompt, self.think_ids)
         async with contextlib.aclosing(tokens):
             async for ids in tokens:
                 if (delta := text.update(ids)) is not None:
@@ -457,13 +460,13 @@ class _Detokenizer:
 
     Thinking: when the output opens with ``<think>`` (or the chat template's prompt ends with it,
     as GLM thinking templates may write) and the vocabulary has ``</think>``, the ids up to and
-    including ``</think>`` are reasoning (counted as ``reasoning_tokens``) and the rest is content,
-    as vLLM's GLM reasoning parser splits them. Stop strings apply to the content only.
+    including ``</think>`` are reasoning (counted as ``reasoning_tokens``, as OpenAI counts them) and
+    the rest is content. Stop strings apply to the content only.
     """
 
-    def __init__(self, tokenizer: Any, request: GenerationRequest, prompt: list[int]) -> None:
-        vocab = tokenizer.get_vocab() if request.thinking else {}
-        self.think_start, self.think_end = vocab.get("<think>"), vocab.get("</think>")
+    def __init__(self, tokenizer: Any, request: GenerationRequest, prompt: list[int],
+                 think_ids: tuple[int | None, int | None]) -> None:
+        self.think_start, self.think_end = think_ids if request.thinking else (None, None)
         self.opened_in_prompt = self.think_start is not None and prompt[-1:] == [self.think_start]
         self.tokenizer, self.stops = tokenizer, request.stop
         self.tokens: list[int] = []
