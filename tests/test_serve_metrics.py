@@ -9,6 +9,7 @@ from collections import defaultdict
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from contract import names
 from serve import metrics as M
 
 
@@ -128,9 +129,7 @@ def test_server_cpu_covers_the_whole_serving_tree_once(serve_app):
     """One process per node reports every role of the serving tree (Ray's HTTP proxy, the Serve
     controller, raylet, GCS and the rest of Ray, not only llmslo's own replicas), once each,
     so ``sum by (instance)`` is the node's serving CPU."""
-    from serve.telemetry import PROCESS_CPU
-
-    name = M.PREFIX + PROCESS_CPU
+    name = names.PROCESS_CPU
     roles = {"ingress", "replica", "http_proxy", "serve_controller", "raylet", "gcs", "ray_other"}
 
     def reported():

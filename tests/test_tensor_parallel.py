@@ -48,7 +48,7 @@ def two_ranks(run) -> Iterator[TransformersEngine]:
     eng = TransformersEngine("tiny-glm", **TWO_RANKS)
     run(eng.start())
     yield eng
-    run(eng.stop())
+    run(eng.shutdown())
 
 
 def texts(eng: TransformersEngine, run, **kw: Any) -> dict[str, str]:
@@ -76,7 +76,7 @@ def test_two_ranks_generate_the_greedy_tokens_of_one(two_ranks, run):
     try:
         expected = texts(one_rank, run)
     finally:
-        run(one_rank.stop())
+        run(one_rank.shutdown())
     assert texts(two_ranks, run) == expected
     run(both_idle(two_ranks))
 
@@ -130,7 +130,7 @@ def test_a_killed_rank_fails_the_health_check_and_stop_does_not_hang(two_ranks, 
     two_ranks.tp_group.workers[0].kill()
     with pytest.raises(EngineError, match="rank 1"):
         run(two_ranks.check_health())
-    run(two_ranks.stop())
+    run(two_ranks.shutdown())
     assert not dist.is_initialized()
 
 
@@ -145,7 +145,7 @@ def test_a_checkpoint_loads_sharded_and_stop_ends_every_rank(tmp_path, run):
             assert (eng.tp_group is not None) == (ranks == 2)
             got[ranks] = texts(eng, run, ignore_eos=True)
         finally:
-            run(eng.stop())
+            run(eng.shutdown())
     assert got[2] == got[1]
     assert eng.tp_group.workers[0].proc.returncode == 0  # rank 1 left on "stop", not killed
     assert not dist.is_initialized()
@@ -169,7 +169,7 @@ def test_a_stalled_group_is_found_broken_and_fails_the_health_check(run, monkeyp
         with pytest.raises(EngineError, match="broken"):
             run(eng.check_health())
     finally:
-        run(eng.stop())
+        run(eng.shutdown())
     assert not dist.is_initialized()
 
 
