@@ -28,6 +28,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from loadtest._headless import locust_argv  # noqa: E402  (the one Locust command builder)
 
 
 def parse_args() -> argparse.Namespace:
@@ -101,15 +103,16 @@ def run_load(args: argparse.Namespace, name: str, spec: str, url: str, env: dict
     """One load test against the running server; its report folder is OUT/<name>."""
     users, seconds = spec.split(":")
     report = args.out / name
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
-           "--only-summary", "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0",
-           "--short-share", "0", "--input-tokens", str(args.input_tokens), "--output-tokens", "256"]
+    cmd = locust_argv("--headless", "--host", url, "--only-summary", "--report-dir", str(report), "--mix", "text=1",
+                      "--thinking-share", "0", "--short-share", "0", "--input-tokens", str(args.input_tokens),
+                      "--output-tokens", "256")
     if name == "fixed":
         cmd += ["-u", users, "-r", users, "-t", f"{seconds}s"]
     else:  # every level is measured (the seed's table has them all), not only up to the first failing one
         levels = users.split(",")
-        cmd += ["-u", levels[-1], "-r", levels[-1], "-t", f"{len(levels) * int(seconds) + 5}s",
-                "--step-users", users, "--step-duration", seconds, "--step-keep-going"]
+        # no -t: the shape ends the ramp after the last step's drain (a -t would cut the drains short)
+        cmd += ["-u", levels[-1], "-r", levels[-1], "--step-users", users, "--step-duration", seconds,
+                "--step-keep-going"]
     if not args.no_server_metrics:
         cmd += ["--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
     print(" ".join(cmd), flush=True)

@@ -50,7 +50,7 @@ def run_headless(
     """Run ``locust -f loadtest/`` headless against ``host`` and return the outcome.
 
     ``extra`` are further Locust/llmslo flags (e.g. ``"--mix", "text=1"``).
-    Exit codes: 0 pass, 1 an SLO failed, 2 bad options/slo.yaml, 3 run invalid.
+    Exit codes: 0 pass, 1 an SLO failed, 2 bad options/slo.yaml, 3 run invalid, 4 inconclusive.
     """
     report_dir = Path(report_dir)
     proc = subprocess.run(
