@@ -141,7 +141,7 @@ class TransformersEngine:
             if self.config.gqa_folding:
                 gqa_attention.install()
             self.model.set_attn_implementation(self.config.attn_implementation)
-            if self.config.compile_layers and len(devices) == 1 and devices[0].type == "cuda":
+            if self.config.compile_layers and ranks == 1 and device.type == "cuda":
                 _compile_layer_parts(self.model)
             self._manager = self._new_manager()
         except torch.OutOfMemoryError as exc:
