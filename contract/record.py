@@ -65,6 +65,7 @@ class RequestRecord:
     request_bytes: int = 0
     response_bytes: int = 0
     judgement: Judgement = ""  # set by the verdict on the master
+    server_timing: dict[str, float] | None = None  # usage.llmslo_timing of an llmslo server (contract/timing.py)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from contract.record import RequestRecord  # noqa: E402
+from loadtest import _hops  # noqa: E402
 from loadtest._options import Secrets  # noqa: E402
 
 CSV_SKIP = ("itl_s",)
@@ -112,6 +113,7 @@ def console_table(summary: dict) -> str:
     cold = summary["cold_start"]
     lines.append(f"cold start: first {cold['requests']} requests, TTFT max {fmt(cold['ttft_max_s'], 's')}, "
                  f"{cold['failed']} failed, {'judged' if cold['judged'] else 'not judged (warm-up)'}")
+    lines.extend(_hops.lines(summary.get("ttft_hops") or {}))
     lines.append(f"accounting: {summary['accounting_line']}")
     for note in summary["notes"]:
         lines.append(f"note: {note}")

@@ -31,7 +31,7 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from contract.record import Phase, RequestRecord
-from loadtest import _report, _selfcheck, _verdict
+from loadtest import _hops, _report, _selfcheck, _verdict
 from loadtest._live import ClientMetrics, install_web_ui
 from loadtest._options import OptionError, Secrets, Settings, SLOFileError, add_arguments, settings
 from loadtest._server_metrics import ServerWatch
@@ -207,6 +207,7 @@ class Run:
             "accounting_line": _verdict.accounting_line(acc, opts.warmup_s),
             "levels": levels,
             "cold_start": _verdict.cold_start(records, first_users),
+            "ttft_hops": _hops.by_level(records),
             "metrics": _verdict.metric_table(records) if final else {},  # the live view skips the heavy part
             "requests": {
                 "total": len(records),

@@ -1,0 +1,58 @@
+"""Where a request's TTFT went: the client's measurement split by the server's own per-hop timing.
+
+The llmslo server reports, in ``usage.llmslo_timing`` (contract/timing.py), when
+its ingress received the request and when each later milestone happened (seconds
+from that receipt). With the client's TTFT the whole path adds up:
+
+    client TTFT = client_network + routing + queue + prefill + relay
+
+client_network: the client's send -> the ingress, plus the first byte's way back
+(Ray's HTTP proxy both ways, the loopback or network, the client's own stamping);
+routing: ingress -> model replica (validation, media decoding, Ray's router);
+queue: the engine's own queue; prefill: the rest until the engine's first token;
+relay: engine's first token -> the ingress handing it to the HTTP server.
+Servers that send no timing leave these empty (NOT MEASURED, never guessed).
+"""
+
+from __future__ import annotations
+
+from contract import timing as T
+from contract.record import RequestRecord
+from loadtest._stats import percentile
+
+HOPS = ("client_network", "routing", "queue", "prefill", "relay")
+
+
+def split(rec: RequestRecord) -> dict[str, float] | None:
+    """The request's TTFT by hop, or None when it failed or the server sent no complete timing."""
+    t = rec.server_timing
+    if not rec.ok or rec.ttft_s is None or not t or any(t.get(k) is None for k in T.FIELDS[1:]):
+        return None
+    routing, queue = t[T.REPLICA_STARTED], t[T.ENGINE_QUEUE_WAIT]
+    return {
+        "client_network": rec.ttft_s - t[T.INGRESS_FIRST_BYTE],
+        "routing": routing,
+        "queue": queue,
+        "prefill": t[T.ENGINE_FIRST_TOKEN] - routing - queue,
+        "relay": t[T.INGRESS_FIRST_BYTE] - t[T.ENGINE_FIRST_TOKEN],
+    }
+
+
+def by_level(records: list[RequestRecord]) -> dict[int, dict]:
+    """Per level: how many requests carried timing, and p50/p95 of each hop (seconds, exact)."""
+    out: dict[int, dict] = {}
+    for level in sorted({r.level for r in records}):
+        splits = [s for r in records if r.level == level and (s := split(r)) is not None]
+        if not splits:
+            continue
+        out[level] = {"requests": len(splits), **{
+            hop: {"p50": percentile([s[hop] for s in splits], 50), "p95": percentile([s[hop] for s in splits], 95)}
+            for hop in HOPS}}
+    return out
+
+
+def lines(hops: dict) -> list[str]:
+    """One console line per level: 'TTFT by hop (p50 / p95 ms): client_network 1.2 / 3.4, ...'."""
+    return [f"TTFT by hop at {level} streams, {row['requests']} requests (p50 / p95 ms): "
+            + ", ".join(f"{hop} {row[hop]['p50'] * 1e3:.1f} / {row[hop]['p95'] * 1e3:.1f}" for hop in HOPS)
+            for level, row in hops.items()]
