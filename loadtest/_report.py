@@ -51,7 +51,7 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
             "value": fmt(k["value"], k["unit"]),
             "bounds": interval(k, k["unit"]),
             "target": f"{k['op']} {fmt(k['target'], k['unit'])}",
-            "status": k["status"] or "NOT MEASURED",
+            "status": (k["status"] or "NOT MEASURED") + ("" if k.get("enforced", True) else " (not enforced)"),
             "samples": "" if k["samples"] is None else str(k["samples"]),
             "note": k["note"],
         }
@@ -59,18 +59,37 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
     ]
 
 
-LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "error_rate")
+LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean",
+              "stream_max_gap_p99", "error_rate")
+
+
+def attainment_text(att: dict) -> str:
+    """'97.3% (143/147), goodput 2.1 req/s 310 tok/s' of one level or class."""
+    return (f"{fmt(att['attainment'], 'ratio')} ({att['met']}/{att['requests']}), goodput "
+            f"{fmt(att['goodput_requests_per_s'], 'req/s')} {fmt(att['goodput_tokens_per_s'], 'tok/s')}")
+
+
+def stream_text(stream: dict) -> str:
+    """Time to second token, per-user speed and stalls of one level."""
+    ttst, user, gap = stream["ttst_seconds"], stream["per_user_tokens_per_s"], stream["max_gap_seconds"]
+    return (f"TTST p50 {fmt(ttst.get('p50'), 's')} p95 {fmt(ttst.get('p95'), 's')}; per-user "
+            f"p50 {fmt(user.get('p50'), 'tok/s')}; longest gap max {fmt(gap.get('max'), 's')}; "
+            f"{stream['stalls']} stall(s) in {stream['stalled_requests']} request(s)")
 
 
 def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
-    """One row per level: accounting, throughput and each client KPI as 'value [bounds] n STATUS'."""
+    """One row per level: accounting, throughput, attainment and each client KPI as 'value [bounds] n STATUS'."""
     rows = []
     for row in levels:
         out = {"level": row["level"], "scope": row["scope"], "status": row["status"] or "NOT MEASURED",
                "requests": row["requests"], "judged": row["judged_requests"], "drain": row["drain_requests"],
                "failed": row["failed"], "achieved": fmt(row["achieved_concurrency"]),
-               "tokens/s": fmt(row["output_tokens_per_s"])}
+               "tokens/s": fmt(row["output_tokens_per_s"]), "SLO attainment": attainment_text(row["slo_attainment"]),
+               "by class": "; ".join(f"{c} {attainment_text(a)}" for c, a in row["slo_attainment"]["classes"].items()),
+               "stream": stream_text(row["stream"])}
         for name in LEVEL_KPIS:
+            if name not in row["kpis"]:
+                continue
             k, unit = row["kpis"][name], kpis[name]["unit"]
             out[name] = f"{fmt(k['value'], unit)} {interval(k, unit)} n={k['samples']} {k['status'] or '-'}".replace("  ", " ")
         rows.append(out)
@@ -78,10 +97,19 @@ def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
 
 
 def level_rows_live(levels: list[dict]) -> list[dict]:
-    """The level table folded into the SLO tab's columns."""
-    return [{"kpi": f"level {r['level']} ({r['scope']})", "value": r["status"] or "NOT MEASURED", "bounds": "",
-             "target": "", "status": r["status"] or "", "samples": str(r["judged_requests"]),
-             "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain"} for r in levels]
+    """The level table folded into the SLO tab's columns: its status, then its attainment per class."""
+    rows = []
+    for r in levels:
+        att = r["slo_attainment"]
+        rows.append({"kpi": f"level {r['level']} ({r['scope']})", "value": r["status"] or "NOT MEASURED", "bounds": "",
+                     "target": "", "status": r["status"] or "", "samples": str(r["judged_requests"]),
+                     "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain; "
+                             + stream_text(r["stream"])})
+        for cls, a in [("all", att), *att["classes"].items()]:
+            rows.append({"kpi": f"level {r['level']} SLO attainment [{cls}]", "value": fmt(a["attainment"], "ratio"),
+                         "bounds": "", "target": "", "status": "", "samples": str(a["requests"]),
+                         "note": attainment_text(a)})
+    return rows
 
 
 def console_table(summary: dict) -> str:
@@ -95,9 +123,11 @@ def console_table(summary: dict) -> str:
     lines.append("")
     lines.append("per level (value [95 % bounds] samples status):")
     for r in level_rows(summary["levels"], summary["kpis"]):
-        kpis = "; ".join(f"{name} {r[name]}" for name in LEVEL_KPIS)
+        kpis = "; ".join(f"{name} {r[name]}" for name in LEVEL_KPIS if name in r)
         lines.append(f"  {r['level']:>4} streams {r['scope']:<8} {r['status']:<12} {r['requests']} sent, "
                      f"{r['judged']} judged, achieved {r['achieved']}: {kpis}")
+        lines.append(f"       SLO attainment {r['SLO attainment']}; {r['by class']}")
+        lines.append(f"       stream: {r['stream']}")
     cold = summary["cold_start"]
     lines.append(f"cold start: first {cold['requests']} requests, TTFT max {fmt(cold['ttft_max_s'], 's')}, "
                  f"{cold['failed']} failed, {'judged' if cold['judged'] else 'not judged (warm-up)'}")
@@ -167,7 +197,26 @@ def _plots(summary: dict, records: list[RequestRecord]) -> list[str]:
         ax2.set_ylabel("achieved concurrency")
         ax.legend(loc="upper left")
         figs.append(_png(fig))
+        figs.append(_attainment_plot(levels))
     return figs
+
+
+def _attainment_plot(levels: list[dict]) -> str:
+    """SLO attainment (per class) and goodput against concurrency: where good service ends."""
+    fig, (att, good) = plt.subplots(1, 2, figsize=(12, 3.5))
+    xs = [row["level"] for row in levels]
+    for cls in ["all", *sorted({c for row in levels for c in row["slo_attainment"]["classes"]})]:
+        shares = [(row["slo_attainment"] if cls == "all" else row["slo_attainment"]["classes"].get(cls, {}))
+                  .get("attainment") for row in levels]
+        att.plot(xs, [(share or 0) * 100 for share in shares], "o-", label=cls)
+    att.set(title="SLO attainment vs concurrency", xlabel="concurrent users", ylabel="% of requests meeting every budget",
+            ylim=(0, 105))
+    att.legend()
+    good.plot(xs, [row["slo_attainment"]["goodput_tokens_per_s"] or 0 for row in levels], "o-", label="goodput tokens/s")
+    good.plot(xs, [row["output_tokens_per_s"] or 0 for row in levels], "s--", color="gray", label="all output tokens/s")
+    good.set(title="Goodput vs concurrency", xlabel="concurrent users", ylabel="tokens/s")
+    good.legend()
+    return _png(fig)
 
 
 def _table(rows: list[dict]) -> str:
