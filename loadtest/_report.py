@@ -50,8 +50,8 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
             "title": k["title"],
             "value": fmt(k["value"], k["unit"]),
             "bounds": interval(k, k["unit"]),
-            "target": f"{k['op']} {fmt(k['target'], k['unit'])}",
-            "status": (k["status"] or "NOT MEASURED") + ("" if k.get("enforced", True) else " (not enforced)"),
+            "target": f"{k['op']} {fmt(k['target'], k['unit'])}" + ("" if k.get("enforced", True) else " (not enforced)"),
+            "status": k["status"] or "NOT MEASURED",
             "samples": "" if k["samples"] is None else str(k["samples"]),
             "note": k["note"],
         }
@@ -59,8 +59,7 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
     ]
 
 
-LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean",
-              "stream_max_gap_p99", "error_rate")
+LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "error_rate")
 
 
 def attainment_text(att: dict) -> str:
@@ -77,6 +76,21 @@ def stream_text(stream: dict) -> str:
             f"{stream['stalls']} stall(s) in {stream['stalled_requests']} request(s)")
 
 
+def attainment_rows(levels: list[dict]) -> list[dict]:
+    """Per level, per traffic class (and all): SLO attainment and goodput."""
+    return [{"level": row["level"], "class": cls, "SLO attainment and goodput": attainment_text(att)}
+            for row in levels
+            for cls, att in [("all", row["slo_attainment"]), *row["slo_attainment"]["classes"].items()]]
+
+
+def capacity_line(cap: dict) -> str:
+    """The capacity search's answer and its probes in one sentence."""
+    probes = ", ".join(f"{p['level']} {p['status']}" for p in cap["probe_levels"])
+    how = "converged" if cap["converged"] else f"not converged (limit {cap['limit']} streams or the probe budget)"
+    return (f"{cap['max_passing']} streams meet every SLO, lowest not passing: {cap['lowest_not_passing'] or 'none'}; "
+            f"{how}; {cap['probes']} probes: {probes}")
+
+
 def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
     """One row per level: accounting, throughput, attainment and each client KPI as 'value [bounds] n STATUS'."""
     rows = []
@@ -84,31 +98,31 @@ def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
         out = {"level": row["level"], "scope": row["scope"], "status": row["status"] or "NOT MEASURED",
                "requests": row["requests"], "judged": row["judged_requests"], "drain": row["drain_requests"],
                "failed": row["failed"], "achieved": fmt(row["achieved_concurrency"]),
-               "tokens/s": fmt(row["output_tokens_per_s"]), "SLO attainment": attainment_text(row["slo_attainment"]),
-               "by class": "; ".join(f"{c} {attainment_text(a)}" for c, a in row["slo_attainment"]["classes"].items()),
-               "stream": stream_text(row["stream"])}
+               "tokens/s": fmt(row["output_tokens_per_s"]),
+               "attainment": fmt(row["slo_attainment"]["attainment"], "ratio")}
         for name in LEVEL_KPIS:
-            if name not in row["kpis"]:
-                continue
             k, unit = row["kpis"][name], kpis[name]["unit"]
             out[name] = f"{fmt(k['value'], unit)} {interval(k, unit)} n={k['samples']} {k['status'] or '-'}".replace("  ", " ")
         rows.append(out)
     return rows
 
 
-def level_rows_live(levels: list[dict]) -> list[dict]:
-    """The level table folded into the SLO tab's columns: its status, then its attainment per class."""
+def level_rows_live(summary: dict) -> list[dict]:
+    """The level table folded into the SLO tab's columns (status, accounting, attainment by class,
+    stream shape), after the capacity search's answer when one ran."""
     rows = []
-    for r in levels:
+    cap, conc = summary.get("capacity_search"), summary["kpis"]["concurrency"]
+    if cap:
+        rows.append({"kpi": "capacity search", "value": str(cap["max_passing"]), "bounds": "",
+                     "target": f"{conc['op']} {conc['target']:g}", "status": conc["status"] or "NOT MEASURED",
+                     "samples": str(cap["probes"]), "note": capacity_line(cap)})
+    for r in summary["levels"]:
         att = r["slo_attainment"]
+        by_class = ", ".join(f"{c} {fmt(a['attainment'], 'ratio')}" for c, a in att["classes"].items())
         rows.append({"kpi": f"level {r['level']} ({r['scope']})", "value": r["status"] or "NOT MEASURED", "bounds": "",
-                     "target": "", "status": r["status"] or "", "samples": str(r["judged_requests"]),
-                     "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain; "
-                             + stream_text(r["stream"])})
-        for cls, a in [("all", att), *att["classes"].items()]:
-            rows.append({"kpi": f"level {r['level']} SLO attainment [{cls}]", "value": fmt(a["attainment"], "ratio"),
-                         "bounds": "", "target": "", "status": "", "samples": str(a["requests"]),
-                         "note": attainment_text(a)})
+                     "target": "", "status": r["status"] or "NOT MEASURED", "samples": str(r["judged_requests"]),
+                     "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain; SLO attainment "
+                             f"{attainment_text(att)} ({by_class}); {stream_text(r['stream'])}"})
     return rows
 
 
@@ -123,11 +137,18 @@ def console_table(summary: dict) -> str:
     lines.append("")
     lines.append("per level (value [95 % bounds] samples status):")
     for r in level_rows(summary["levels"], summary["kpis"]):
-        kpis = "; ".join(f"{name} {r[name]}" for name in LEVEL_KPIS if name in r)
+        kpis = "; ".join(f"{name} {r[name]}" for name in LEVEL_KPIS)
         lines.append(f"  {r['level']:>4} streams {r['scope']:<8} {r['status']:<12} {r['requests']} sent, "
                      f"{r['judged']} judged, achieved {r['achieved']}: {kpis}")
-        lines.append(f"       SLO attainment {r['SLO attainment']}; {r['by class']}")
-        lines.append(f"       stream: {r['stream']}")
+
+    lines.append("SLO attainment and goodput (judged requests; per traffic class):")
+    for row in attainment_rows(summary["levels"]):
+        lines.append(f"  {row['level']:>4} streams {row['class']:<6} {row['SLO attainment and goodput']}")
+    lines.append("stream shape (judged successful requests):")
+    for row in summary["levels"]:
+        lines.append(f"  {row['level']:>4} streams {stream_text(row['stream'])}")
+    if summary.get("capacity_search"):
+        lines.append(f"capacity search: {capacity_line(summary['capacity_search'])}")
     cold = summary["cold_start"]
     lines.append(f"cold start: first {cold['requests']} requests, TTFT max {fmt(cold['ttft_max_s'], 's')}, "
                  f"{cold['failed']} failed, {'judged' if cold['judged'] else 'not judged (warm-up)'}")
@@ -246,7 +267,12 @@ Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests,
 <p>Accounting: {html.escape(summary['accounting_line'])}.</p>
 <p>Cold start: first {summary['cold_start']['requests']} requests, TTFT max {fmt(summary['cold_start']['ttft_max_s'], 's')}.</p>
 <h2>Concurrency levels</h2><p>Each level judged on its own: value [95 % bounds] samples status.</p>
+{f"<p>Capacity search: {html.escape(capacity_line(summary['capacity_search']))}.</p>" if summary.get('capacity_search') else ''}
 {_table(level_rows(summary['levels'], summary['kpis']))}
+<h2>SLO attainment and goodput</h2><p>Share of each level's judged requests that met every per-request budget
+(glossary: meets the SLO), and the throughput of those requests alone.</p>
+{_table(attainment_rows(summary['levels']))}
+<h2>Stream shape</h2>{_table([{'level': row['level'], 'stream': stream_text(row['stream'])} for row in summary['levels']])}
 <h2>Plots</h2>{''.join(_plots(summary, records))}
 <h2>Metrics (exact percentiles)</h2>{_table(metric_rows)}
 <h2>Errors</h2>{_table([{'error': e, 'count': n} for e, n in summary['errors'].items()])}

@@ -345,6 +345,41 @@ def concurrency_sustained(levels: list[dict], target: int) -> tuple[float | None
     return float(best), "INCONCLUSIVE", f"no level >= {target} was held"
 
 
+# --- capacity search (driven by loadtest/_shape.py) ----------------------------------
+@dataclass
+class CapacitySearch:
+    """Bracketing then bisection over concurrency; ``after`` names the next probe or None (done)."""
+
+    start: int
+    maximum: int
+    max_probes: int
+    probes: list[tuple[int, str]] = field(default_factory=list)  # (level, status) in probe order
+    passed: int = 0  # highest level that passed (0: none)
+    failed: int | None = None  # lowest level that did not pass
+
+    def after(self, level: int, status: str | None) -> int | None:
+        """Record a judged probe; the next level to hold, or None when the answer is known."""
+        self.probes.append((level, status or "NOT MEASURED"))
+        if status == "PASS":
+            self.passed = max(self.passed, level)
+        else:
+            self.failed = level if self.failed is None else min(self.failed, level)
+        if len(self.probes) >= self.max_probes:
+            return None
+        if self.failed is None:  # bracketing
+            return None if level >= self.maximum else min(2 * level, self.maximum)
+        if self.failed - self.passed <= 1:
+            return None
+        return (self.passed + self.failed) // 2
+
+    def result(self) -> dict:
+        """The search as summary.json reports it (capacity_search)."""
+        done = self.failed is not None and self.failed - self.passed <= 1
+        return {"max_passing": self.passed, "lowest_not_passing": self.failed, "probes": len(self.probes),
+                "probe_levels": [{"level": lvl, "status": st} for lvl, st in self.probes],
+                "converged": done, "limit": self.maximum}
+
+
 # --- the verdict --------------------------------------------------------------------
 def verdict(
     records: list[RequestRecord], slo: SLOConfig, levels: list[dict], server: ServerFacts, duration_s: float
