@@ -69,11 +69,11 @@ class SLOShape(LoadTestShape):
 
     def _levels(self, run: Run, spawn_rate: float, first: Callable[[Run], int],
                 following: Callable[[Run, int, bool], int | None]):
-        """Hold each level for its duration, drain it, then open ``following`` (None: the run ends).
+        """Hold each level for its duration, drain it, then open the level ``following`` names.
 
-        ``following(run, level, last_chance)`` is asked only once the level is drained (so its
-        judgement is final), except for a level whose time is up with ``last_chance`` False
-        answered by None: then the run stops without a drain (the stop's --stop-timeout drains it).
+        ``following(run, level, drained)`` is asked when the level's time is up (drained False;
+        None stops the run at once and the stop's --stop-timeout drains it) and again once the
+        level is drained, its judgement final (None stops the run).
         """
         if self._step is None:
             self._open(run, 0, first(run))
