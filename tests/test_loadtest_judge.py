@@ -11,9 +11,11 @@ import random
 import pytest
 
 from conftest import free_port
+from contract import names
 from contract.record import RequestRecord
 from contract.slo import load_slo
 from loadtest import run_headless
+from loadtest._live import ClientMetrics
 from loadtest._stats import Estimate, _binom_cdf, percentile_bounds
 from loadtest._truth_server import fetch_truth, running
 from loadtest._verdict import (ServerFacts, accounting, assign, cold_start, level_table, max_gap, meets_slo, overall,
@@ -205,3 +207,16 @@ def test_stream_shape_comes_from_the_records_gaps_and_an_unenforced_kpi_never_fa
     assert kpis["stream_max_gap_p99"]["status"] == "FAIL" and kpis["stream_max_gap_p99"]["enforced"] is False
     assert result == "PASS" and levels[0]["status"] == "PASS"
     assert levels[0]["stream"]["stalled_requests"] == len(frozen)
+
+
+def test_client_metrics_count_attainment_and_goodput_by_the_judges_definition():
+    metrics = ClientMetrics(SLO)
+    image = rec(TARGET, ttft=TTFT + 0.2, cls="image", prompt_tokens=SLO.benchmark.input_tokens + 1000)
+    late_text = rec(TARGET, ttft=TTFT + 0.2)
+    for r in (image, late_text, rec(TARGET, ok=False)):
+        metrics.observe(r)
+    value = lambda name, **labels: metrics.registry.get_sample_value(name, {"model": SLO.service.model, **labels})  # noqa: E731
+    assert value(names.CLIENT_SLO_REQUESTS, traffic_class="image", outcome="met") == 1
+    assert value(names.CLIENT_SLO_REQUESTS, traffic_class="text", outcome="missed") == 2
+    assert value(names.CLIENT_GOOD_TOKENS, traffic_class="image") == image.output_tokens
+    assert value(names.CLIENT_GOOD_TOKENS, traffic_class="text") is None
