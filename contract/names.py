@@ -70,6 +70,9 @@ CLIENT_REQUESTS = "llmslo_client_requests_total"
 CLIENT_USERS = "llmslo_client_users"
 CLIENT_REQUEST_RATE = "llmslo_client_request_rate"
 CLIENT_FAILURE_RATIO = "llmslo_client_failure_ratio"
+CLIENT_SLO_REQUESTS = "llmslo_client_slo_requests_total"  # outcome met|missed: SLO attainment
+CLIENT_GOOD_TOKENS = "llmslo_client_good_output_tokens_total"  # output tokens of requests that met every budget
+CLIENT_MAX_GAP = "llmslo_client_stream_max_gap_seconds"  # per request, the longest gap between chunks
 
 # Prometheus job names of the scrape targets (deploy/prometheus.yml, llmslo up, tests).
 SERVER_JOB = "ray"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import operator
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "slo.yaml"  # the repository root
 
@@ -38,11 +38,25 @@ class Service(_Strict):
     gpus_per_replica: int = Field(ge=0)
 
 
+TrafficClass = Literal["text", "image", "audio"]
+"""The load test's traffic classes (loadtest/_traffic.py sends them); per-class targets are keyed by them."""
+TRAFFIC_CLASSES: tuple[str, ...] = get_args(TrafficClass)
+
+
 class Benchmark(_Strict):
     input_tokens: int = Field(gt=0)
     output_tokens: int = Field(gt=0)
     concurrency: list[int]
     short_reply_max_tokens: int = Field(gt=0)
+    # Seconds of budget per prompt token above input_tokens, for KPIs with grows_with_prompt
+    # (0: budgets do not grow). slo.yaml derives it from the seed's own prefill rate.
+    prefill_s_per_token: float = Field(0.0, ge=0)
+
+
+class Streaming(_Strict):
+    """Stream smoothness: a gap between two chunks longer than ``stall_gap_s`` is a stall."""
+
+    stall_gap_s: float = Field(0.5, gt=0)
 
 
 class KPI(_Strict):
@@ -54,10 +68,23 @@ class KPI(_Strict):
     unit: str
     applies_to: str | None = None
     seed: str | None = None
+    # per-request budgets (client KPIs): a target per traffic class, and one that grows
+    # with the prompt by benchmark.prefill_s_per_token per token above benchmark.input_tokens
+    classes: dict[TrafficClass, float] = Field(default_factory=dict)
+    grows_with_prompt: bool = False
+    # False: measured, judged and shown, but left out of the verdict (no seed number for it)
+    enforced: bool = True
 
-    def passes(self, value: float) -> bool:
-        """True when the measured value meets the target."""
-        return _OPS[self.op](value, self.target)
+    @model_validator(mode="after")
+    def _budget_is_a_latency(self) -> "KPI":
+        """A budget that grows with the prompt is seconds that must stay below it."""
+        if self.grows_with_prompt and (self.unit != "s" or self.op not in ("<", "<=")):
+            raise ValueError("grows_with_prompt needs a latency KPI (unit s, op < or <=)")
+        return self
+
+    def passes(self, value: float, target: float | None = None) -> bool:
+        """True when the measured value meets the target (or a request's own ``target``)."""
+        return _OPS[self.op](value, self.target if target is None else target)
 
 
 class ErrorBudgetSLO(_Strict):
@@ -84,10 +111,22 @@ class SLOConfig(_Strict):
     kpis: dict[str, KPI]
     slos: dict[str, ErrorBudgetSLO]
     burn_rate_windows: list[BurnWindow]
+    streaming: Streaming = Field(default_factory=Streaming)
 
     @property
     def concurrency_target(self) -> int:
         return int(self.kpis["concurrency"].target)
+
+    def target_for(self, name: str, cls: str, prompt_tokens: int | None) -> float:
+        """KPI ``name``'s budget for one request: its class's target plus its prompt allowance.
+
+        A request without a reported prompt length gets no allowance (the strict reading).
+        """
+        kpi = self.kpis[name]
+        target = kpi.classes.get(cls, kpi.target)  # type: ignore[call-overload]
+        if kpi.grows_with_prompt and prompt_tokens:
+            target += self.benchmark.prefill_s_per_token * max(0, prompt_tokens - self.benchmark.input_tokens)
+        return target
 
 
 REQUIRED_KPIS = (

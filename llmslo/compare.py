@@ -98,7 +98,8 @@ def run_row(summary: dict[str, Any], label: str, platform: dict[str, str]) -> Ro
     TTFT and ms/token are the mean ± sd over all successful requests
     (``metrics.<name>.all``), max throughput is the best concurrency level's
     output tokens/s over all streams, and the concurrency is the ``concurrency``
-    KPI: the highest level at which every client-side KPI held.
+    KPI: the highest level L such that every level <= L held every client-side KPI (a
+    ``--capacity-search`` run's answer, ``capacity_search.max_passing``, is this same number).
     """
     metrics = summary["metrics"]
     throughputs = [lvl["output_tokens_per_s"] for lvl in summary["levels"] if lvl["output_tokens_per_s"]]

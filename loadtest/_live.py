@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from contract import names
 from contract.record import RequestRecord
 from contract.slo import SLOConfig
+from loadtest._verdict import max_gap, meets_slo
 
 TAB_KEY = "slo"
 COLUMNS = [
@@ -55,16 +56,34 @@ class ClientMetrics:
         self.users = Gauge(names.CLIENT_USERS, "Simulated users running", registry=self.registry)
         self.rps = Gauge(names.CLIENT_REQUEST_RATE, "Current requests per second (Locust)", registry=self.registry)
         self.failures = Gauge(names.CLIENT_FAILURE_RATIO, "Failed / total requests (Locust)", registry=self.registry)
-        self.model = slo.service.model
+        self._attainment_metrics(labels)
+        self.model, self.slo = slo.service.model, slo
+
+    def _attainment_metrics(self, labels: tuple[str, ...]) -> None:
+        """SLO attainment, goodput and stream smoothness, by the judge's per-request definition."""
+        self.slo_requests = Counter(names.CLIENT_SLO_REQUESTS.removesuffix("_total"),
+                                    "Finished requests that met every per-request budget (met) or not (missed)",
+                                    (*labels, "outcome"), registry=self.registry)
+        self.good_tokens = Counter(names.CLIENT_GOOD_TOKENS.removesuffix("_total"),
+                                   "Output tokens of requests that met every per-request budget", labels,
+                                   registry=self.registry)
+        self.max_gap = Histogram(names.CLIENT_MAX_GAP, "Longest gap between two chunks of a stream", labels,
+                                 buckets=buckets(), registry=self.registry)
 
     def observe(self, rec: RequestRecord) -> None:
         lab = (self.model, rec.cls)
         self.requests.labels(*lab, "ok" if rec.ok else "failed").inc()
+        met = meets_slo(rec, self.slo)
+        self.slo_requests.labels(*lab, "met" if met else "missed").inc()
+        if met:
+            self.good_tokens.labels(*lab).inc(rec.output_tokens or 0)
         if rec.ok:
             self.ttft.labels(*lab).observe(rec.ttft_s)
             self.e2e.labels(*lab).observe(rec.e2e_s)
             if rec.tpot_s is not None:
                 self.tpot.labels(*lab).observe(rec.tpot_s)
+            if (gap := max_gap(rec)) is not None:
+                self.max_gap.labels(*lab).observe(gap)
 
     def refresh(self, runner) -> None:
         """Copy the runner's live gauges (called before each scrape)."""

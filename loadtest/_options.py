@@ -54,6 +54,11 @@ def add_arguments(parser) -> None:
                    help="requests started in the first N seconds are not judged for latency (errors still count); 0: none")
     g.add_argument("--step-keep-going", action="store_true", default=False,
                    help="hold every step even after one broke an SLO (default: stop at the first failing step)")
+    g.add_argument("--capacity-search", action="store_true", default=False,
+                   help="find the highest concurrency meeting every SLO: double users from -u, then bisect; "
+                        "each probe a level held --step-duration s and judged")
+    g.add_argument("--capacity-max", type=int, default=64, help="capacity search: most users to probe")
+    g.add_argument("--capacity-probes", type=int, default=10, help="capacity search: most probes (levels)")
     g.add_argument("--report-dir", default="", help="report folder (default reports/<UTC time>)")
     g.add_argument("--server-metrics-url", default="", help="server's Prometheus endpoint for OOM/crash/GPU/CPU KPIs")
     g.add_argument("--client-metrics-port", type=int, default=0, include_in_web_ui=False,
@@ -98,9 +103,24 @@ def settings(opts) -> Settings:
     if any(s < 1 for s in steps) or list(steps) != sorted(set(steps)):
         raise OptionError("--step-users: user counts must be >= 1 and strictly increasing")
     durations = _durations(str(opts.step_duration), len(steps))
+    _check_capacity_search(opts, steps, durations)
     if opts.server_metrics_url and not str(opts.server_metrics_url).startswith(("http://", "https://")):
         raise OptionError("--server-metrics-url must be an http(s) URL")
     return Settings(slo, mix, steps, durations)
+
+
+def _check_capacity_search(opts, steps: tuple[int, ...], durations: tuple[float, ...]) -> None:
+    """--capacity-search runs closed loop with one probe duration; it picks the levels itself."""
+    if not opts.capacity_search:
+        return
+    if steps:
+        raise OptionError("--capacity-search picks the levels itself: leave --step-users empty")
+    if opts.arrival_rate:
+        raise OptionError("--capacity-search searches concurrency (closed loop): leave --arrival-rate at 0")
+    if len(set(durations)) != 1:
+        raise OptionError("--capacity-search: give --step-duration one value (every probe is held as long)")
+    if opts.capacity_max < max(1, int(opts.num_users or 1)) or opts.capacity_probes < 2:
+        raise OptionError("--capacity-max must be >= -u and --capacity-probes >= 2")
 
 
 def _durations(text: str, steps: int) -> tuple[float, ...]:

@@ -51,7 +51,7 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
             "title": k["title"],
             "value": fmt(k["value"], k["unit"]),
             "bounds": interval(k, k["unit"]),
-            "target": f"{k['op']} {fmt(k['target'], k['unit'])}",
+            "target": f"{k['op']} {fmt(k['target'], k['unit'])}" + ("" if k.get("enforced", True) else " (not enforced)"),
             "status": k["status"] or "NOT MEASURED",
             "samples": "" if k["samples"] is None else str(k["samples"]),
             "note": k["note"],
@@ -61,6 +61,35 @@ def kpi_rows(kpis: dict[str, dict]) -> list[dict]:
 
 
 LEVEL_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "error_rate")
+
+
+def attainment_text(att: dict) -> str:
+    """'97.3% (143/147), goodput 2.1 req/s 310 tok/s' of one level or class."""
+    return (f"{fmt(att['attainment'], 'ratio')} ({att['met']}/{att['requests']}), goodput "
+            f"{fmt(att['goodput_requests_per_s'], 'req/s')} {fmt(att['goodput_tokens_per_s'], 'tok/s')}")
+
+
+def stream_text(stream: dict) -> str:
+    """Time to second token, per-user speed and stalls of one level."""
+    ttst, user, gap = stream["ttst_seconds"], stream["per_user_tokens_per_s"], stream["max_gap_seconds"]
+    return (f"TTST p50 {fmt(ttst.get('p50'), 's')} p95 {fmt(ttst.get('p95'), 's')}; per-user "
+            f"p50 {fmt(user.get('p50'), 'tok/s')}; longest gap max {fmt(gap.get('max'), 's')}; "
+            f"{stream['stalls']} stall(s) in {stream['stalled_requests']} request(s)")
+
+
+def attainment_rows(levels: list[dict]) -> list[dict]:
+    """Per level, per traffic class (and all): SLO attainment and goodput."""
+    return [{"level": row["level"], "class": cls, "SLO attainment and goodput": attainment_text(att)}
+            for row in levels
+            for cls, att in [("all", row["slo_attainment"]), *row["slo_attainment"]["classes"].items()]]
+
+
+def capacity_line(cap: dict) -> str:
+    """The capacity search's answer and its probes in one sentence."""
+    probes = ", ".join(f"{p['level']} {p['status']}" for p in cap["probe_levels"])
+    how = "converged" if cap["converged"] else f"not converged (limit {cap['limit']} streams or the probe budget)"
+    return (f"{cap['max_passing']} streams meet every SLO, lowest not passing: {cap['lowest_not_passing'] or 'none'}; "
+            f"{how}; {cap['probes']} probes: {probes}")
 
 
 def _short(value: float | None, unit: str) -> str:
@@ -82,17 +111,30 @@ def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
             {"measure": "sent / judged / drain / failed",
              **{c: f"{r['requests']} / {r['judged_requests']} / {r['drain_requests']} / {r['failed']}" for c, r in columns.items()}},
             {"measure": "achieved concurrency", **{c: fmt(r["achieved_concurrency"]) for c, r in columns.items()}},
-            {"measure": "output tokens/s", **{c: fmt(r["output_tokens_per_s"]) for c, r in columns.items()}}]
+            {"measure": "output tokens/s", **{c: fmt(r["output_tokens_per_s"]) for c, r in columns.items()}},
+            {"measure": "SLO attainment", **{c: fmt(r["slo_attainment"]["attainment"], "ratio") for c, r in columns.items()}}]
     rows += [{"measure": name, **{c: cell(r["kpis"][name], kpis[name]["unit"]) for c, r in columns.items()}}
              for name in LEVEL_KPIS]
     return rows
 
 
-def level_rows_live(levels: list[dict]) -> list[dict]:
-    """The level table folded into the SLO tab's columns."""
-    return [{"kpi": f"level {r['level']} ({r['scope']})", "value": r["status"] or "NOT MEASURED", "bounds": "",
-             "target": "", "status": r["status"] or "", "samples": str(r["judged_requests"]),
-             "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain"} for r in levels]
+def level_rows_live(summary: dict) -> list[dict]:
+    """The level table folded into the SLO tab's columns (status, accounting, attainment by class,
+    stream shape), after the capacity search's answer when one ran."""
+    rows = []
+    cap, conc = summary.get("capacity_search"), summary["kpis"]["concurrency"]
+    if cap:
+        rows.append({"kpi": "capacity search", "value": str(cap["max_passing"]), "bounds": "",
+                     "target": f"{conc['op']} {conc['target']:g}", "status": conc["status"] or "NOT MEASURED",
+                     "samples": str(cap["probes"]), "note": capacity_line(cap)})
+    for r in summary["levels"]:
+        att = r["slo_attainment"]
+        by_class = ", ".join(f"{c} {fmt(a['attainment'], 'ratio')}" for c, a in att["classes"].items())
+        rows.append({"kpi": f"level {r['level']} ({r['scope']})", "value": r["status"] or "NOT MEASURED", "bounds": "",
+                     "target": "", "status": r["status"] or "NOT MEASURED", "samples": str(r["judged_requests"]),
+                     "note": f"{r['requests']} sent, {r['failed']} failed, {r['drain_requests']} drain; SLO attainment "
+                             f"{attainment_text(att)} ({by_class}); {stream_text(r['stream'])}"})
+    return rows
 
 
 def console_table(summary: dict) -> str:
@@ -104,12 +146,20 @@ def console_table(summary: dict) -> str:
     for r in rows:
         lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['bounds']:>24} {r['target']:>16} {r['status']:>13}  {r['note']}")
     lines.append("")
-    lines.append("")
     table = level_rows(summary["levels"], summary["kpis"])
     if table:
         widths = {k: max(len(k), *(len(str(r[k])) for r in table)) for k in table[0]}
         lines.append("  ".join(f"{k:<{w}}" for k, w in widths.items()))
         lines.extend("  ".join(f"{str(r[k]):<{w}}" for k, w in widths.items()) for r in table)
+
+    lines.append("SLO attainment and goodput (judged requests; per traffic class):")
+    for row in attainment_rows(summary["levels"]):
+        lines.append(f"  {row['level']:>4} streams {row['class']:<6} {row['SLO attainment and goodput']}")
+    lines.append("stream shape (judged successful requests):")
+    for row in summary["levels"]:
+        lines.append(f"  {row['level']:>4} streams {stream_text(row['stream'])}")
+    if summary.get("capacity_search"):
+        lines.append(f"capacity search: {capacity_line(summary['capacity_search'])}")
     cold = summary["cold_start"]
     lines.append(f"cold start: first {cold['requests']} requests, TTFT max {fmt(cold['ttft_max_s'], 's')}, "
                  f"{cold['failed']} failed, {'judged' if cold['judged'] else 'not judged (warm-up)'}")
@@ -180,7 +230,26 @@ def _plots(summary: dict, records: list[RequestRecord]) -> list[str]:
         ax2.set_ylabel("achieved concurrency")
         ax.legend(loc="upper left")
         figs.append(_png(fig))
+        figs.append(_attainment_plot(levels))
     return figs
+
+
+def _attainment_plot(levels: list[dict]) -> str:
+    """SLO attainment (per class) and goodput against concurrency: where good service ends."""
+    fig, (att, good) = plt.subplots(1, 2, figsize=(12, 3.5))
+    xs = [row["level"] for row in levels]
+    for cls in ["all", *sorted({c for row in levels for c in row["slo_attainment"]["classes"]})]:
+        shares = [(row["slo_attainment"] if cls == "all" else row["slo_attainment"]["classes"].get(cls, {}))
+                  .get("attainment") for row in levels]
+        att.plot(xs, [(share or 0) * 100 for share in shares], "o-", label=cls)
+    att.set(title="SLO attainment vs concurrency", xlabel="concurrent users", ylabel="% of requests meeting every budget",
+            ylim=(0, 105))
+    att.legend()
+    good.plot(xs, [row["slo_attainment"]["goodput_tokens_per_s"] or 0 for row in levels], "o-", label="goodput tokens/s")
+    good.plot(xs, [row["output_tokens_per_s"] or 0 for row in levels], "s--", color="gray", label="all output tokens/s")
+    good.set(title="Goodput vs concurrency", xlabel="concurrent users", ylabel="tokens/s")
+    good.legend()
+    return _png(fig)
 
 
 def _table(rows: list[dict]) -> str:
@@ -210,7 +279,12 @@ Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests,
 <p>Accounting: {html.escape(summary['accounting_line'])}.</p>
 <p>Cold start: first {summary['cold_start']['requests']} requests, TTFT max {fmt(summary['cold_start']['ttft_max_s'], 's')}.</p>
 <h2>Concurrency levels</h2><p>Each level judged on its own: value [95 % bounds] samples status.</p>
+{f"<p>Capacity search: {html.escape(capacity_line(summary['capacity_search']))}.</p>" if summary.get('capacity_search') else ''}
 {_table(level_rows(summary['levels'], summary['kpis']))}
+<h2>SLO attainment and goodput</h2><p>Share of each level's judged requests that met every per-request budget
+(glossary: meets the SLO), and the throughput of those requests alone.</p>
+{_table(attainment_rows(summary['levels']))}
+<h2>Stream shape</h2>{_table([{'level': row['level'], 'stream': stream_text(row['stream'])} for row in summary['levels']])}
 <h2>Plots</h2>{''.join(_plots(summary, records))}
 <h2>Metrics (exact percentiles)</h2>{_table(metric_rows)}
 <h2>Errors</h2>{_table([{'error': e, 'count': n} for e, n in summary['errors'].items()])}

@@ -87,6 +87,7 @@ class Run:
     received: dict[str, int] = field(default_factory=dict)  # worker -> request records received from it
     finisher: gevent.Greenlet | None = None
     notes: list[str] = field(default_factory=list)
+    capacity: dict | None = None  # the capacity search's answer (loadtest/_shape.py), when one ran
 
     @property
     def is_worker(self) -> bool:
@@ -206,6 +207,7 @@ class Run:
             "accounting": acc,
             "accounting_line": _verdict.accounting_line(acc, opts.warmup_s),
             "levels": levels,
+            "capacity_search": self.capacity,
             "cold_start": _verdict.cold_start(records, first_users),
             "ttft_hops": _hops.by_level(records),
             "metrics": _verdict.metric_table(records) if final else {},  # the live view skips the heavy part
@@ -416,7 +418,7 @@ def _live_rows(run: Run) -> list[dict]:
     rows = _report.kpi_rows(summary["kpis"])
     rows.append({"kpi": "verdict", "value": summary["verdict"], "target": "", "status": "VALID" if summary["validity"]["valid"] else "INVALID",
                  "samples": str(summary["requests"]["total"]), "note": summary["accounting_line"]})
-    rows.extend(_report.level_rows_live(summary["levels"]))
+    rows.extend(_report.level_rows_live(summary))
     return rows
 
 

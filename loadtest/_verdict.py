@@ -15,6 +15,12 @@ Rules (docs/loadtest.md#the-judge has them in words):
 - A percentile passes only when its 95 % bound on the failing side meets the
   target (loadtest/_stats.py); too few samples make it INCONCLUSIVE, never PASS.
 - ``concurrency`` is the highest level L such that every level <= L passed.
+- Budgets are per request where slo.yaml says so (a target per traffic class, a
+  TTFT/e2e budget that grows with the prompt): a sample is shifted by its own
+  request's allowance, so one percentile against one target judges them all.
+- SLO attainment (DistServe) is the share of a level's judged requests that met
+  every per-request budget; goodput counts only those requests.
+- KPIs with ``enforced: false`` are judged and shown but leave the verdict alone.
 
 Targets are read from slo.yaml through contract.slo; nothing here repeats a number.
 """
@@ -76,7 +82,45 @@ def metric_table(records: list[RequestRecord]) -> dict:
         table[name]["all"] = describe(getattr(r, key) for r in source)
     table["itl_seconds"] = {c: describe(g for r in ok if r.cls == c for g in r.itl_s) for c in classes}
     table["itl_seconds"]["all"] = describe(g for r in ok for g in r.itl_s)
+    for name, stat in STREAM_METRICS.items():
+        table[name] = {c: describe(stat(r) for r in ok if r.cls == c) for c in classes}
+        table[name]["all"] = describe(stat(r) for r in ok)
     return table
+
+
+# --- per-request stream shape (computed from the record's ttft_s and itl_s) -------------
+def ttst(r: RequestRecord) -> float | None:
+    """Time to second token: a first chunk carrying several tokens shows up as a late second one."""
+    return r.ttft_s + r.itl_s[0] if r.ttft_s is not None and r.itl_s else None
+
+
+def max_gap(r: RequestRecord) -> float | None:
+    """The longest silence between two chunks of the stream (None with fewer than two chunks)."""
+    return max(r.itl_s, default=None)
+
+
+def stalls(r: RequestRecord, stall_gap_s: float) -> int:
+    """Gaps between chunks longer than slo.yaml's streaming.stall_gap_s."""
+    return sum(1 for gap in r.itl_s if gap > stall_gap_s)
+
+
+STREAM_METRICS: dict[str, Callable[[RequestRecord], float | None]] = {
+    "ttst_seconds": ttst,
+    "max_gap_seconds": max_gap,
+}
+
+
+def stream_summary(records: list[RequestRecord], slo: SLOConfig) -> dict:
+    """A level's stream shape beside TTFT/TPOT: time to second token, per-user speed, stalls."""
+    ok = [r for r in records if r.ok]
+    pick = lambda d, *keys: {k: d.get(k) for k in keys}  # noqa: E731
+    return {
+        "ttst_seconds": pick(describe(ttst(r) for r in ok), "count", "p50", "p95"),
+        "per_user_tokens_per_s": pick(describe(r.output_tokens_per_s for r in ok), "count", "p10", "p50"),
+        "max_gap_seconds": pick(describe(max_gap(r) for r in ok), "count", "p50", "p99", "max"),
+        "stalls": sum(stalls(r, slo.streaming.stall_gap_s) for r in ok),
+        "stalled_requests": sum(1 for r in ok if stalls(r, slo.streaming.stall_gap_s)),
+    }
 
 
 @dataclass
@@ -100,20 +144,71 @@ def _is_short(r: RequestRecord, short_max: int) -> bool:
     return r.short if not r.ok else r.output_tokens is not None and r.output_tokens <= short_max
 
 
+def _allowance(name: str, r: RequestRecord, slo: SLOConfig) -> float:
+    """How much the request's own budget exceeds the KPI's target (class target, prompt allowance)."""
+    return slo.target_for(name, r.cls, r.prompt_tokens) - slo.kpis[name].target
+
+
 def _samples(records: list[RequestRecord], slo: SLOConfig) -> dict[str, list[float]]:
-    """KPI name -> samples; a failed request is a miss (+inf latency, 0 speed) where it applies."""
+    """KPI name -> samples; a failed request is a miss (+inf latency, 0 speed) where it applies.
+
+    Latencies and speeds are shifted by the request's own allowance (``_allowance``), so
+    "p95 of shifted TTFT < target" is "95 % of requests within their own budget".
+    """
     short_max = slo.benchmark.short_reply_max_tokens
     longs = [r for r in records if not _is_short(r, short_max)]
-    return {
-        "ttft_p95": [r.ttft_s if r.ok else MISS for r in records],
-        "e2e_short_p95": [r.e2e_s if r.ok else MISS for r in records if _is_short(r, short_max)],
+    out = {
+        "ttft_p95": [r.ttft_s - _allowance("ttft_p95", r, slo) if r.ok else MISS for r in records],
+        "e2e_short_p95": [r.e2e_s - _allowance("e2e_short_p95", r, slo) if r.ok else MISS
+                          for r in records if _is_short(r, short_max)],
         # The seed measured tokens/s on its benchmark shape; short replies (judged by e2e)
         # would drag speeds down with prefill time they cannot amortise.
-        "decode_tokens_per_s_p10": [r.decode_tokens_per_s if r.ok else 0.0 for r in longs
-                                    if not r.ok or r.decode_tokens_per_s is not None],
+        "decode_tokens_per_s_p10": [r.decode_tokens_per_s - _allowance("decode_tokens_per_s_p10", r, slo)
+                                    if r.ok else 0.0 for r in longs if not r.ok or r.decode_tokens_per_s is not None],
         "output_tokens_per_s_mean": [r.output_tokens_per_s if r.ok else 0.0 for r in longs
                                      if not r.ok or r.output_tokens_per_s is not None],
     }
+    if "stream_max_gap_p99" in slo.kpis:  # streams of at least two chunks; a failed stream froze for good
+        out["stream_max_gap_p99"] = [max_gap(r) if r.ok else MISS for r in records if not r.ok or r.itl_s]
+    return out
+
+
+def meets_slo(r: RequestRecord, slo: SLOConfig) -> bool:
+    """Did this request meet every per-request budget? (DistServe's SLO attainment counts these.)
+
+    No error; TTFT within its budget; a short reply's e2e within its budget, a long
+    reply's decode speed (1/TPOT) at its target (a one-token reply has none to judge).
+    """
+    if not r.ok or r.ttft_s is None:
+        return False
+    k = slo.kpis
+    if not k["ttft_p95"].passes(r.ttft_s, slo.target_for("ttft_p95", r.cls, r.prompt_tokens)):
+        return False
+    if _is_short(r, slo.benchmark.short_reply_max_tokens):
+        return r.e2e_s is not None and k["e2e_short_p95"].passes(
+            r.e2e_s, slo.target_for("e2e_short_p95", r.cls, r.prompt_tokens))
+    return r.decode_tokens_per_s is None or k["decode_tokens_per_s_p10"].passes(
+        r.decode_tokens_per_s, slo.target_for("decode_tokens_per_s_p10", r.cls, r.prompt_tokens))
+
+
+def attainment(records: list[RequestRecord], slo: SLOConfig, window_s: float) -> dict:
+    """SLO attainment and goodput of one level's judged requests, overall and per traffic class.
+
+    goodput: requests that met every budget and ended inside the window / window_s, and
+    their output tokens that arrived inside it / window_s (like ``requests_per_s`` and
+    ``output_tokens_per_s``, which count every successful request).
+    """
+    def one(recs: list[RequestRecord]) -> dict:
+        good = [r for r in recs if meets_slo(r, slo)]
+        per_s = (lambda x: x / window_s) if window_s > 0 else (lambda x: None)
+        return {"requests": len(recs), "met": len(good),
+                "attainment": len(good) / len(recs) if recs else None,
+                "goodput_requests_per_s": per_s(sum(1 for r in good if r.level_end_s is None)),
+                "goodput_tokens_per_s": per_s(sum(r.tokens_within_level() for r in good))}
+
+    out = one(records)
+    out["classes"] = {c: one([r for r in records if r.cls == c]) for c in sorted({r.cls for r in records})}
+    return out
 
 
 def _estimate(stat: str, values: list[float]) -> Estimate:
@@ -150,7 +245,12 @@ def judge_errors(records: list[RequestRecord], slo: SLOConfig) -> dict:
             "status": "PASS" if kpi.passes(ratio) else "FAIL", "note": f"{failed} of {len(records)} failed"}
 
 
-CLIENT_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean")
+CLIENT_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "stream_max_gap_p99")
+
+
+def client_kpis(slo: SLOConfig) -> tuple[str, ...]:
+    """The client KPIs this slo.yaml defines (stream_max_gap_p99 is optional)."""
+    return tuple(name for name in CLIENT_KPIS if name in slo.kpis)
 
 
 def _worst(statuses: Iterable[Status | None]) -> Status | None:
@@ -202,9 +302,9 @@ def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int,
         recs = [r for r in records if r.level == level]
         scoped = [r for r in recs if r.judgement in ("judged", "headroom")]
         samples = _samples(scoped, slo)
-        kpis = {name: judge_kpi(name, samples[name], slo) for name in CLIENT_KPIS}
+        kpis = {name: judge_kpi(name, samples[name], slo) for name in client_kpis(slo)}
         kpis["error_rate"] = judge_errors(recs, slo)
-        latency = _worst(k["status"] for name, k in kpis.items() if name != "error_rate")
+        latency = _worst(k["status"] for name, k in kpis.items() if name != "error_rate" and slo.kpis[name].enforced)
         errors = kpis["error_rate"]["status"]
         window = windows.get(level, 0.0)
         rows.append({
@@ -219,6 +319,8 @@ def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int,
             "achieved_concurrency": sum(r.busy_s for r in recs) / window if window > 0 else None,
             "output_tokens_per_s": sum(r.tokens_within_level() for r in recs) / window if window > 0 else None,
             "requests_per_s": sum(1 for r in recs if r.ok and r.level_end_s is None) / window if window > 0 else None,
+            "slo_attainment": attainment(scoped, slo, window),
+            "stream": stream_summary(scoped, slo),
             "kpis": kpis,
             "status": _worst([latency, errors]),
         })
@@ -243,6 +345,41 @@ def concurrency_sustained(levels: list[dict], target: int) -> tuple[float | None
     return float(best), "INCONCLUSIVE", f"no level >= {target} was held"
 
 
+# --- capacity search (driven by loadtest/_shape.py) ----------------------------------
+@dataclass
+class CapacitySearch:
+    """Bracketing then bisection over concurrency; ``after`` names the next probe or None (done)."""
+
+    start: int
+    maximum: int
+    max_probes: int
+    probes: list[tuple[int, str]] = field(default_factory=list)  # (level, status) in probe order
+    passed: int = 0  # highest level that passed (0: none)
+    failed: int | None = None  # lowest level that did not pass
+
+    def after(self, level: int, status: str | None) -> int | None:
+        """Record a judged probe; the next level to hold, or None when the answer is known."""
+        self.probes.append((level, status or "NOT MEASURED"))
+        if status == "PASS":
+            self.passed = max(self.passed, level)
+        else:
+            self.failed = level if self.failed is None else min(self.failed, level)
+        if len(self.probes) >= self.max_probes:
+            return None
+        if self.failed is None:  # bracketing
+            return None if level >= self.maximum else min(2 * level, self.maximum)
+        if self.failed - self.passed <= 1:
+            return None
+        return (self.passed + self.failed) // 2
+
+    def result(self) -> dict:
+        """The search as summary.json reports it (capacity_search)."""
+        done = self.failed is not None and self.failed - self.passed <= 1
+        return {"max_passing": self.passed, "lowest_not_passing": self.failed, "probes": len(self.probes),
+                "probe_levels": [{"level": lvl, "status": st} for lvl, st in self.probes],
+                "converged": done, "limit": self.maximum}
+
+
 # --- the verdict --------------------------------------------------------------------
 def verdict(
     records: list[RequestRecord], slo: SLOConfig, levels: list[dict], server: ServerFacts, duration_s: float
@@ -250,7 +387,7 @@ def verdict(
     """KPI name -> {title, value, low, high, target, op, unit, status, pass, samples, note, levels}."""
     target = slo.concurrency_target
     judged_levels = [row for row in levels if row["level"] <= target]
-    rows: dict[str, dict] = {name: _across_levels(name, judged_levels) for name in CLIENT_KPIS}
+    rows: dict[str, dict] = {name: _across_levels(name, judged_levels) for name in client_kpis(slo)}
     rows["error_rate"] = judge_errors(records, slo)
     rows["error_rate"]["levels"] = {row["level"]: row["kpis"]["error_rate"]["status"] for row in levels}
     if any(row["kpis"]["error_rate"]["status"] == "FAIL" for row in levels):  # headroom levels too
@@ -271,7 +408,7 @@ def verdict(
         row = rows.get(name, {"value": None, "status": None, "note": f"no implementation for metric {kpi.metric}"})
         out[name] = {"title": kpi.title, "target": kpi.target, "op": kpi.op, "unit": kpi.unit,
                      "low": None, "high": None, "samples": None, "levels": {}, **row,
-                     "pass": {"PASS": True, "FAIL": False}.get(row["status"])}
+                     "pass": {"PASS": True, "FAIL": False}.get(row["status"]), "enforced": kpi.enforced}
     return out
 
 
@@ -302,8 +439,8 @@ def _gauge(value: float | None, note: str, passes: Callable[[float], bool]) -> d
 
 
 def overall(kpis: dict[str, dict]) -> str:
-    """'FAIL', 'INCONCLUSIVE', 'PASS' or 'PASS (k not measured)'."""
-    statuses = [k["status"] for k in kpis.values()]
+    """'FAIL', 'INCONCLUSIVE', 'PASS' or 'PASS (k not measured)' over the enforced KPIs."""
+    statuses = [k["status"] for k in kpis.values() if k.get("enforced", True)]
     if "FAIL" in statuses:
         return "FAIL"
     if "INCONCLUSIVE" in statuses:

@@ -44,7 +44,7 @@ def test_every_query_panel_uses_the_provisioned_datasource_and_template_variable
     assert all(len({t["refId"] for t in p["targets"]}) == len(p["targets"]) for p in queried)
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert rows == ["SLO overview", "Latency", "Throughput and load", "Ray Serve", "GPU and CPU",
-                    "Client vs server", "Alerts"]
+                    "Client vs server", "Client SLO attainment and goodput", "Alerts"]
     assert any(p["type"] == "heatmap" for p in board["panels"]) and any(p["type"] == "alertlist"
                                                                          for p in board["panels"])
     assert dashboards.NEEDS_GPU <= {p["title"] for p in board["panels"]}

@@ -11,12 +11,15 @@ import random
 import pytest
 
 from conftest import free_port
+from contract import names
 from contract.record import RequestRecord
 from contract.slo import load_slo
 from loadtest import run_headless
+from loadtest._live import ClientMetrics
 from loadtest._stats import Estimate, _binom_cdf, percentile_bounds
 from loadtest._truth_server import fetch_truth, running
-from loadtest._verdict import ServerFacts, accounting, assign, cold_start, level_table, overall, verdict
+from loadtest._verdict import (ServerFacts, accounting, assign, cold_start, level_table, max_gap, meets_slo, overall,
+                               stalls, ttst, verdict)
 
 SLO = load_slo()
 TARGET = SLO.concurrency_target
@@ -25,11 +28,11 @@ SHORT = SLO.benchmark.short_reply_max_tokens
 _ids = itertools.count()
 
 
-def rec(level: int, ttft: float = 0.1, ok: bool = True, short: bool = False, **kw) -> RequestRecord:
+def rec(level: int, ttft: float = 0.1, ok: bool = True, short: bool = False, cls: str = "text", **kw) -> RequestRecord:
     """A finished request; a long reply decodes at 60 tokens/s, a short one in 0.4 s."""
     tokens = SHORT if short else 256
     e2e = 0.4 if short else ttft + (tokens - 1) / 60
-    r = RequestRecord(id=str(next(_ids)), cls="text", thinking=False, short=short, max_tokens=tokens,
+    r = RequestRecord(id=str(next(_ids)), cls=cls, thinking=False, short=short, max_tokens=tokens,
                       level=level, phase="steady", start_wall=float(next(_ids)), **kw)
     if ok:
         r.ok, r.ttft_s, r.e2e_s, r.output_tokens = True, ttft, e2e, tokens
@@ -150,3 +153,70 @@ def test_a_ramp_against_a_server_that_fails_beyond_the_target_fails_and_counts_e
         assert canary not in path.read_text(errors="replace"), path.name
     assert canary not in out.output
     assert s["config"]["options"]["api_key"] == "***"
+
+
+# --- SLO attainment, goodput, budgets per request, stream shape ------------------------------
+def test_attainment_counts_every_request_and_goodput_only_the_good_ones():
+    good = healthy_level(TARGET, 80)
+    slow = [rec(TARGET, ttft=TTFT * 1.5) for _ in range(10)]
+    failed = [rec(TARGET, ok=False) for _ in range(10)]
+    images = [rec(TARGET, cls="image") for _ in range(20)]
+    _, _, levels = judge(good + slow + failed + images)
+    att = levels[0]["slo_attainment"]
+    assert (att["requests"], att["met"]) == (120, 100) and att["attainment"] == pytest.approx(100 / 120)
+    assert att["goodput_requests_per_s"] == pytest.approx(100 / 60.0)  # the judge's window is 60 s
+    good_tokens = sum(r.output_tokens for r in good + images)
+    assert att["goodput_tokens_per_s"] == pytest.approx(good_tokens / 60.0)
+    assert att["classes"]["image"]["attainment"] == 1.0
+    assert att["classes"]["text"]["met"] == 80 and att["classes"]["text"]["requests"] == 100
+
+
+def test_a_long_prompt_gets_the_seeds_prefill_allowance_and_nothing_more():
+    allowance = SLO.benchmark.prefill_s_per_token
+    assert allowance == pytest.approx(0.320 / 512)  # seed 001 §4.2: 320 ms TTFT for 512 prompt tokens
+    extra = 1000
+    budget = TTFT + allowance * extra
+    inside = rec(TARGET, ttft=budget - 0.05, prompt_tokens=SLO.benchmark.input_tokens + extra)
+    outside = rec(TARGET, ttft=budget + 0.05, prompt_tokens=SLO.benchmark.input_tokens + extra)
+    unknown = rec(TARGET, ttft=budget - 0.05)  # no usage.prompt_tokens: no allowance
+    assert [meets_slo(r, SLO) for r in (inside, outside, unknown)] == [True, False, False]
+    images = [rec(TARGET, ttft=budget - 0.05, prompt_tokens=SLO.benchmark.input_tokens + extra, cls="image")
+              for _ in range(240)]
+    result, kpis, _ = judge(images)
+    assert result.startswith("PASS") and kpis["ttft_p95"]["value"] == pytest.approx(TTFT - 0.05)
+    strict = SLO.model_copy(update={"benchmark": SLO.benchmark.model_copy(update={"prefill_s_per_token": 0.0})})
+    assert not meets_slo(inside, strict)
+
+
+def test_a_target_per_traffic_class_judges_that_class_alone():
+    kpi = SLO.kpis["ttft_p95"].model_copy(update={"classes": {"audio": TTFT / 2}})
+    slo = SLO.model_copy(update={"kpis": {**SLO.kpis, "ttft_p95": kpi}})
+    audio, text = rec(TARGET, ttft=TTFT * 0.75, cls="audio"), rec(TARGET, ttft=TTFT * 0.75)
+    assert (meets_slo(audio, slo), meets_slo(text, slo)) == (False, True)
+
+
+def test_stream_shape_comes_from_the_records_gaps_and_an_unenforced_kpi_never_fails_the_verdict():
+    stall = SLO.streaming.stall_gap_s
+    r = rec(TARGET, ttft=0.1)
+    r.itl_s = [0.02, stall * 3, 0.02]
+    assert ttst(r) == pytest.approx(0.12) and max_gap(r) == stall * 3 and stalls(r, stall) == 1
+    frozen = healthy_level(TARGET)
+    for x in frozen:
+        x.itl_s = [0.02, SLO.kpis["stream_max_gap_p99"].target * 2]
+    result, kpis, levels = judge(frozen)
+    assert kpis["stream_max_gap_p99"]["status"] == "FAIL" and kpis["stream_max_gap_p99"]["enforced"] is False
+    assert result == "PASS" and levels[0]["status"] == "PASS"
+    assert levels[0]["stream"]["stalled_requests"] == len(frozen)
+
+
+def test_client_metrics_count_attainment_and_goodput_by_the_judges_definition():
+    metrics = ClientMetrics(SLO)
+    image = rec(TARGET, ttft=TTFT + 0.2, cls="image", prompt_tokens=SLO.benchmark.input_tokens + 1000)
+    late_text = rec(TARGET, ttft=TTFT + 0.2)
+    for r in (image, late_text, rec(TARGET, ok=False)):
+        metrics.observe(r)
+    value = lambda name, **labels: metrics.registry.get_sample_value(name, {"model": SLO.service.model, **labels})  # noqa: E731
+    assert value(names.CLIENT_SLO_REQUESTS, traffic_class="image", outcome="met") == 1
+    assert value(names.CLIENT_SLO_REQUESTS, traffic_class="text", outcome="missed") == 2
+    assert value(names.CLIENT_GOOD_TOKENS, traffic_class="image") == image.output_tokens
+    assert value(names.CLIENT_GOOD_TOKENS, traffic_class="text") is None

@@ -221,6 +221,30 @@ def _client(cfg: SLOConfig) -> list:
     ]
 
 
+def _client_attainment(cfg: SLOConfig) -> list:
+    """SLO attainment, goodput and stream smoothness as the load test's judge defines them."""
+    met = f'sum by (traffic_class) (rate({n.CLIENT_SLO_REQUESTS}{{{M},outcome="met"}}[{RI}]))'
+    every = f"sum by (traffic_class) (rate({n.CLIENT_SLO_REQUESTS}{{{M}}}[{RI}]))"
+    objective = cfg.slos["ttft"].objective
+    panels = [
+        _series("SLO attainment by traffic class (client)", [_q(f"{met} / {every}", "{{traffic_class}}")],
+                "percentunit", "Share of finished requests that met every per-request budget (no error; TTFT within "
+                "its prompt-aware budget; e2e of short replies, decode speed of long ones); the line is the "
+                f"{num(objective * 100)} % objective of the TTFT error budget.", objective, good_below=False),
+        _series("Goodput (client)", [
+            _q(f"sum(rate({n.CLIENT_GOOD_TOKENS}{{{M}}}[{RI}]))", "output tokens/s of requests meeting every budget"),
+            _q(f'sum(rate({n.CLIENT_SLO_REQUESTS}{{{M},outcome="met"}}[{RI}]))', "requests/s meeting every budget")],
+                "none", "Throughput that counts only requests meeting every per-request budget (glossary: goodput)."),
+    ]
+    gap = cfg.kpis.get("stream_max_gap_p99")
+    if gap is not None:
+        panels.append(_series(f"Longest gap between chunks, {gap.stat} (client)", [
+            _q(_quantile(float(gap.stat[1:]) / 100, n.CLIENT_MAX_GAP), "longest gap")], "s",
+            "Per request the longest silence between two stream chunks (a frozen stream), over all classes.",
+            gap.target))
+    return panels
+
+
 def _alert_list() -> db.Panel:
     return (db.Panel().type("alertlist").title("Alerts").height(8).span(24)
             .description("Firing and pending alerts (Grafana-managed and Prometheus rules).")
@@ -244,7 +268,7 @@ def build(cfg: SLOConfig) -> dict:
             .with_variable(_variable("replica", f"label_values({n.SERVE_REPLICA_HEALTHY}, replica)")))
     rows = [("SLO overview", _overview(cfg)), ("Latency", _latency(cfg)), ("Throughput and load", _load(cfg)),
             ("Ray Serve", _serve()), ("GPU and CPU", _gpu(cfg)), ("Client vs server", _client(cfg)),
-            ("Alerts", [_alert_list()])]
+            ("Client SLO attainment and goodput", _client_attainment(cfg)), ("Alerts", [_alert_list()])]
     for title, panels in rows:
         dash = dash.with_row(db.Row(title))
         for panel in panels:
