@@ -52,9 +52,9 @@ def two_ranks(run) -> Iterator[TransformersEngine]:
 
 
 def texts(eng: TransformersEngine, run, **kw: Any) -> dict[str, str]:
-    """Generated text of every request of REQUESTS, all in flight at once."""
+    """Generated greedy text of every request of REQUESTS, all in flight at once (temperature 0: comparable)."""
     async def all_at_once():
-        return await asyncio.gather(*(collect(eng, request(rid, prompt_tokens=p, max_tokens=n, **kw))
+        return await asyncio.gather(*(collect(eng, request(rid, prompt_tokens=p, max_tokens=n, temperature=0.0, **kw))
                                       for rid, p, n in REQUESTS))
 
     results = run(all_at_once())
