@@ -28,7 +28,8 @@ import openai
 import pytest
 import yaml
 
-from llmslo.generate import alertmanager, dashboards, grafana, names, rules, to_yaml
+from contract import names
+from llmslo.generate import alertmanager, dashboards, grafana, rules, to_yaml
 from contract.slo import load_slo
 from loadtest import run_headless
 from tests.conftest import free_port, require_binary
