@@ -97,11 +97,13 @@ def test_two_replicas_reach_the_exporter_and_sum_right(serve_app):
 
 
 def test_exported_names_and_kpi_buckets(serve_app):
-    httpx.post(
-        f"{serve_app.api_base}/chat/completions",
-        json={"model": serve_app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
-        timeout=30,
-    )
+    for stream in (False, True):  # the TTFT hop histogram is observed for streams only
+        httpx.post(
+            f"{serve_app.api_base}/chat/completions",
+            json={"model": serve_app.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                  "stream": stream},
+            timeout=30,
+        )
     names = [M.REQUESTS, M.IN_FLIGHT, M.PROMPT_TOKENS, M.COMPLETION_TOKENS, M.BUILD_INFO, M.KV_CACHE_USAGE,
              M.REPLICA_STARTS]
     histograms = [M.TTFT, M.ITL, M.TPOT, M.E2E, M.QUEUE_WAIT, M.TTFT_HOP]
