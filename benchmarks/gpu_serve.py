@@ -112,7 +112,7 @@ def main() -> int:
         cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"), "--headless", "--host", url,
                "-u", str(args.users), "-r", str(args.users), "-t", args.run_time, "--only-summary",
                "--report-dir", str(report), "--mix", "text=1", "--thinking-share", "0", "--short-share", "0",
-               "--input-tokens", str(args.input_words), "--output-tokens", "256"]
+               "--input-tokens", str(args.input_words), "--output-tokens", "256", "--server-dialect", "llmslo"]
         if not args.no_server_metrics:
             cmd += ["--server-metrics-url", f"http://127.0.0.1:{args.metrics_port}/metrics"]
         if args.step_users:  # the ramp needs the whole of every step: -t covers them all

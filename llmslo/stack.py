@@ -367,7 +367,7 @@ def _locust_master(ports: Ports) -> Service:
         "locust",
         [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest"),
          "--host", f"http://127.0.0.1:{ports.serve}",
-         "--web-host", "127.0.0.1", "--web-port", str(ports.locust),
+         "--web-host", "127.0.0.1", "--web-port", str(ports.locust), "--server-dialect", "llmslo",
          "--server-metrics-url", f"http://127.0.0.1:{ports.ray_metrics}/metrics"],
         ready_url=f"http://127.0.0.1:{ports.locust}/",
         url=f"http://127.0.0.1:{ports.locust}",
