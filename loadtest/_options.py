@@ -72,6 +72,8 @@ def add_arguments(parser) -> None:
                    help="end the run with a FAIL verdict when this share of requests failed (0: never) ...")
     g.add_argument("--max-error-rate-min", type=int, default=20,
                    help="... once at least this many requests ended")
+    g.add_argument("--max-stamp-delay-ms", type=float, default=5.0,
+                   help="stamping delay p99 (socket arrival -> stamp) above this marks the run invalid")
 
 
 @dataclass(frozen=True)

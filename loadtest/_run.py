@@ -176,7 +176,8 @@ class Run:
             self.finals.add(payload["worker"])
         for data in payload["records"]:
             self.add(RequestRecord.from_dict(data))
-        mine = self.worker_samples.setdefault(payload["worker"], {"loop_lag_s": [], "cpu_percent": [], "cpu_seconds": []})
+        mine = self.worker_samples.setdefault(
+            payload["worker"], {"loop_lag_s": [], "cpu_percent": [], "cpu_seconds": [], "stamp_delay_bins": []})
         for key, values in payload["selfcheck"].items():
             mine[key].extend(values)
 
@@ -272,6 +273,7 @@ class Run:
         validity = _selfcheck.validity(
             samples, [r.schedule_lag_s for r in records if r.schedule_lag_s is not None],
             opts.max_worker_cpu, opts.max_loop_lag_ms / 1000, opts.max_schedule_lag_ms / 1000,
+            opts.max_stamp_delay_ms / 1000,
         )
         missing = sorted(self.senders - self.finals) if final else []
         if missing:
