@@ -137,7 +137,9 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
 
     ``t0`` is the clock reading just before the request was sent. Reading stops
     at the end of the body or at a ``data: [DONE]`` line (cheap substring check
-    first, so a token that merely contains "[DONE]" does not end it).
+    first, so a token that merely contains "[DONE]" does not end it). A stream
+    ends well with ``[DONE]`` or, for servers that send none (``transformers
+    serve``), when the body ends after a choice carried a ``finish_reason``.
     """
     data = bytearray()
     stamps: list[float] = []
@@ -151,7 +153,7 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
     record.response_bytes += len(data)
     events, usage, done_at = _parse(_stamped_lines(data, stamps, ends))
     if done_at is None:
-        raise StreamError("stream ended without [DONE]")
+        raise StreamError("stream ended without [DONE] and without a finish_reason")
     record.e2e_s = done_at - t0
     _summarise(record, events, usage, t0)
 
@@ -173,7 +175,10 @@ def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> Ite
 
 
 def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | None, float | None]:
-    """Token events, the last usage object and the [DONE] stamp (None: never came), in line order.
+    """Token events, the last usage object and the end stamp (None: the stream did not end well), in line order.
+
+    The end is the ``[DONE]`` line or, without one, the last data line once a
+    choice carried a ``finish_reason``.
 
     Comments (``:``), ``event:``/``id:``/``retry:`` fields and blank separators
     are skipped; a multi-line event is not used by OpenAI servers and is read
@@ -181,6 +186,7 @@ def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | N
     """
     events: list[_Event] = []
     usage: dict | None = None
+    finished_at: float | None = None
     for t, line in lines:
         stripped = line.strip()
         if not stripped or stripped.startswith(b":"):
@@ -205,7 +211,11 @@ def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | N
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
             if content or reasoning:
                 events.append(_Event(t, content, reasoning))
-    return events, usage, None
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
+                finished_at = t
+        if finished_at is not None:
+            finished_at = t  # a usage-only chunk may follow the finishing one
+    return events, usage, finished_at
 
 
 def _json_object(payload: bytes) -> dict:

@@ -7,11 +7,12 @@ import json
 import time
 
 import gevent.socket
+import pytest
 from geventhttpclient.response import HTTPSocketResponse
 
 from contract.record import RequestRecord
 from loadtest._selfcheck import DELAY_BIN_S, stamp_delay_p99
-from loadtest._sse import SocketReads, consume, kernel_timestamps_on
+from loadtest._sse import SocketReads, StreamError, consume, kernel_timestamps_on
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -74,3 +75,16 @@ def test_stamping_delay_p99_is_an_upper_bound_over_batches():
     bins = [[0, 97], [3, 1], [0, 1], [50, 1]]
     assert stamp_delay_p99(bins) == 4 * DELAY_BIN_S  # the 99th of 100 reads is in bin 3: < 0.4 ms
     assert stamp_delay_p99([]) is None
+
+
+def test_a_stream_without_done_ends_well_only_after_a_finish_reason():
+    """transformers serve sends no [DONE]: its last chunk carries finish_reason (and usage)."""
+    token = _event({"choices": [{"delta": {"content": "a"}, "index": 0}]})
+    finish = _event({"choices": [{"delta": {}, "index": 0, "finish_reason": "length"}],
+                     "usage": {"completion_tokens": 2, "prompt_tokens": 4}})
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=2)
+    consume(rec, iter([(1.0, token), (1.5, token), (2.0, finish)]), t0=0.0)
+    assert rec.ok and rec.e2e_s == 2.0 and rec.output_tokens == 2 and rec.tokens_source == "usage"
+    cut = RequestRecord(id="c", cls="text", thinking=False, short=False, max_tokens=2)
+    with pytest.raises(StreamError, match="without \\[DONE\\] and without a finish_reason"):
+        consume(cut, iter([(1.0, token), (1.5, token)]), t0=0.0)
