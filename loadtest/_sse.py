@@ -89,15 +89,19 @@ class SocketReads:
         if sock is None or resp.message_complete:
             return
         recv = self._kernel_stamped(sock)
-        while not resp.message_complete:
-            data = recv()
-            t = clock()  # stamp first: nothing but the read happened before this line
-            if not data:
-                return
-            resp.feed(data)
-            if buffered:
-                yield t, bytes(buffered)
-                del buffered[:]
+        try:
+            while not resp.message_complete:
+                data = recv()
+                t = clock()  # stamp first: nothing but the read happened before this line
+                if not data:
+                    return
+                resp.feed(data)
+                if buffered:
+                    yield t, bytes(buffered)
+                    del buffered[:]
+        except Exception:  # as geventhttpclient's own readline does: the half-read connection is closed
+            resp.release()
+            raise
 
     def _kernel_stamped(self, sock) -> Callable[[], bytes]:
         """A read function; on a plain TCP socket it also records the socket-arrival-to-stamp delay."""
