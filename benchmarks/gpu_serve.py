@@ -105,7 +105,7 @@ def run_load(args: argparse.Namespace, name: str, spec: str, url: str, env: dict
     report = args.out / name
     cmd = locust_argv("--headless", "--host", url, "--only-summary", "--report-dir", str(report), "--mix", "text=1",
                       "--thinking-share", "0", "--short-share", "0", "--input-tokens", str(args.input_tokens),
-                      "--output-tokens", "256")
+                      "--output-tokens", "256", "--server-dialect", "llmslo")
     if name == "fixed":
         cmd += ["-u", users, "-r", users, "-t", f"{seconds}s"]
     else:  # every level is measured (the seed's table has them all), not only up to the first failing one

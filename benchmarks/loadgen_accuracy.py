@@ -2,8 +2,16 @@
 
 The truth server (loadtest/_truth_server.py) runs pinned to one CPU core and
 logs the CLOCK_MONOTONIC time of every token write; one Locust process (one
-"worker") runs pinned to another core with N concurrent closed-loop streams.
-Per level N it reports:
+"worker") runs pinned to another core with N concurrent closed-loop streams,
+started in one of two patterns:
+
+- staggered: users spawned over ~2 s (``-r N/2``), so the streams' token
+  writes spread over each inter-token gap;
+- lockstep: every user spawned at once (``-r N``); with a deterministic server
+  and fixed reply lengths the streams then stay in step, so every gap hundreds
+  of chunks arrive in the same millisecond (a fleet of synchronized clients).
+
+Per pattern and level N it reports:
 
 - TTFT error = client-stamped arrival of the first token - server write time of
   it (the request's start is the same client clock reading on both sides);
@@ -11,11 +19,13 @@ Per level N it reports:
 - achieved vs target concurrency (time-average requests in flight at the level);
 - generator CPU-seconds per 1,000 streamed chunks (the process's user+system
   CPU over the run, from its self-check);
-- whether the run's self-check marked the generator saturated.
+- the self-check's stamping delay p99 bound and loop lag p99, and whether it
+  marked the run invalid.
 
 Not a test: run by hand, write the table into docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/loadgen_accuracy.py --streams 1 64 256 1024 --duration 20
+    .venv/bin/python benchmarks/loadgen_accuracy.py --streams 1 64 256 1024 --duration 20 \
+        --patterns staggered lockstep
 """
 
 from __future__ import annotations
@@ -33,20 +43,25 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from loadtest._headless import locust_command  # noqa: E402
 from llmslo.supervisor import free_port  # noqa: E402
+from loadtest._headless import locust_command  # noqa: E402
 from loadtest._truth_server import fetch_truth, running  # noqa: E402
 
 
-def one_level(streams: int, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run one level; return the row of the results table."""
-    report = workdir / f"n{streams}"
+SPAWN_SECONDS = {"staggered": 2.0, "lockstep": 0.0}  # how long spawning all users takes
+
+
+def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """Run one level in one arrival pattern; return the row of the results table."""
+    report = workdir / f"{pattern}-n{streams}"
     server_flags = ("--ttft", str(args.ttft), "--itl", str(args.itl), "--cpu", str(args.server_cpu))
     with running(free_port(), *server_flags) as url:
         cmd = locust_command(url, report, streams, f"{args.duration}s", "--mix", "text=1", "--short-share", "0",
                              "--input-tokens", "32", "--output-tokens", str(args.tokens),
                              "--stall-timeout", "60", "--request-timeout", "300")
-        cmd[cmd.index("-r") + 1] = str(max(1, streams // 2))  # spawn within ~2 s
+        spawn_s = SPAWN_SECONDS[pattern]
+        # Locust spawns floor(rate) users per 1 s tick: -r N starts them all in one tick
+        cmd[cmd.index("-r") + 1] = str(max(1, round(streams / spawn_s)) if spawn_s else streams)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240,
                               preexec_fn=lambda: os.sched_setaffinity(0, {args.client_cpu}))
         truth = fetch_truth(url)
@@ -66,6 +81,7 @@ def one_level(streams: int, args: argparse.Namespace, workdir: Path) -> dict:
     worker = next(iter(summary["validity"]["workers"].values()), {})
     ms = lambda a, q: float(np.percentile(np.abs(a), q) * 1000) if len(a) else float("nan")  # noqa: E731
     return {
+        "pattern": pattern,
         "streams": streams,
         "requests": len(ok),
         "ttft_err_p50_ms": ms(ttft_err, 50),
@@ -76,23 +92,26 @@ def one_level(streams: int, args: argparse.Namespace, workdir: Path) -> dict:
         "cpu_s_per_1000_chunks": worker.get("cpu_seconds", 0.0) / chunks * 1000 if chunks else float("nan"),
         "generator_cpu_p90": worker.get("cpu_percent_p90"),
         "loop_lag_p99_ms": (worker.get("loop_lag_p99_s") or 0) * 1000,
-        "saturated": not summary["validity"]["valid"],
+        "stamp_delay_p99_ms": (worker.get("stamp_delay_p99_s") or float("nan")) * 1000,
+        "invalid": not summary["validity"]["valid"],
         "failed": summary["requests"]["failed"],
         "locust_exit": proc.returncode,
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| streams | requests | \\|TTFT err\\| p50 / p99 (ms) | \\|ITL err\\| p50 / p99 (ms) | achieved concurrency "
-            "| CPU-s per 1000 chunks | generator CPU p90 | loop lag p99 (ms) | saturated | failed |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| pattern | streams | requests | \\|TTFT err\\| p50 / p99 (ms) | \\|ITL err\\| p50 / p99 (ms) "
+            "| achieved concurrency | CPU-s per 1000 chunks | generator CPU p90 | stamping delay p99 ≤ (ms) "
+            "| loop lag p99 (ms) | run invalid | failed |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         achieved = f"{r['achieved_concurrency']:.1f}" if r["achieved_concurrency"] is not None else "n/a"
         lines.append(
-            f"| {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
+            f"| {r['pattern']} | {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
             f"| {r['itl_err_p50_ms']:.2f} / {r['itl_err_p99_ms']:.2f} | {achieved} of {r['streams']} "
-            f"| {r['cpu_s_per_1000_chunks']:.3f} | {r['generator_cpu_p90'] or 0:.0f} % | {r['loop_lag_p99_ms']:.1f} "
-            f"| {'yes' if r['saturated'] else 'no'} | {r['failed']} |"
+            f"| {r['cpu_s_per_1000_chunks']:.3f} | {r['generator_cpu_p90'] or 0:.0f} % | {r['stamp_delay_p99_ms']:.1f} "
+            f"| {r['loop_lag_p99_ms']:.1f} "
+            f"| {'yes' if r['invalid'] else 'no'} | {r['failed']} |"
         )
     return "\n".join(lines)
 
@@ -100,6 +119,7 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--streams", type=int, nargs="+", default=[1, 64, 256, 1024])
+    p.add_argument("--patterns", nargs="+", choices=sorted(SPAWN_SECONDS), default=["staggered", "lockstep"])
     p.add_argument("--duration", type=int, default=20, help="seconds per level")
     p.add_argument("--ttft", type=float, default=0.32, help="server TTFT (seed: 2x RTX 4090, 320 ms)")
     p.add_argument("--itl", type=float, default=0.018, help="server inter-token gap (seed: 18 ms/token)")
@@ -110,9 +130,10 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
-        for n in args.streams:
-            rows.append(one_level(n, args, Path(tmp)))
-            print(json.dumps(rows[-1]), flush=True)
+        for pattern in args.patterns:
+            for n in args.streams:
+                rows.append(one_level(n, pattern, args, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

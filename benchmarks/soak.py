@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         report = args.work / "load"
         started = time.monotonic()
         load = ThreadPoolExecutor(1).submit(
-            run_headless, url, report, args.users, f"{int(duration)}s", "--client-metrics-port", str(client_port),
+            run_headless, url, report, args.users, f"{int(duration)}s", "--server-dialect", "llmslo", "--client-metrics-port", str(client_port),
             "--server-metrics-url", f"http://127.0.0.1:{mport}/metrics", timeout=duration + 600)
         samples: list[tuple[float, dict]] = []
         while not load.done():

@@ -325,7 +325,7 @@ def locust_service(ports: Ports, *args: str, server_metrics_url: str | None = No
     metrics = server_metrics_url or f"http://127.0.0.1:{ports.ray_metrics}/metrics"
     return Service(
         "locust",
-        locust_argv("--host", f"http://127.0.0.1:{ports.serve}",
+        locust_argv("--host", f"http://127.0.0.1:{ports.serve}", "--server-dialect", "llmslo",  # our own server
                     "--web-host", "127.0.0.1", "--web-port", str(ports.locust),
                     "--server-metrics-url", metrics, *args),
         ready_url=f"http://127.0.0.1:{ports.locust}/",

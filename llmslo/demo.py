@@ -48,6 +48,7 @@ FIXED_REPLICAS = ["--replicas", "1"]
 # 2048-token context (max_model_len) and are answered with HTTP 400.
 # --step-keep-going: the demo holds every step (up to twice the concurrency target) even after
 # one failed, so the report shows where each KPI breaks.
+# our own server takes every extension (fixed reply lengths, thinking switches)
 LOAD_DEFAULTS = ["--images-max", "1", "--image-min-px", "224", "--image-max-px", "448", "--step-keep-going"]
 STATUS_STYLE = {"PASS": "green", "FAIL": "bold red", "INCONCLUSIVE": "yellow", "NOT MEASURED": "yellow"}
 

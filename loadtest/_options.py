@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contract.slo import DEFAULT_PATH, SLOConfig, SLOFileError, load_slo
-from loadtest._traffic import Mix, TrafficError
+from loadtest._traffic import DIALECTS, Mix, TrafficError
 
 
 class OptionError(ValueError):
@@ -67,6 +67,18 @@ def add_arguments(parser) -> None:
     g.add_argument("--max-loop-lag-ms", type=float, default=20.0, help="gevent loop lag p99 above this marks the run invalid")
     g.add_argument("--max-schedule-lag-ms", type=float, default=100.0, help="open-loop lag p99 above this marks the run invalid")
     g.add_argument("--seed", type=int, default=0, help="random seed of the traffic mix (per user: seed + user number)")
+    # what the target accepts, and when a broken run ends (issue 12); docs/loadtest.md#options
+    g.add_argument("--server-dialect", choices=sorted(DIALECTS), default="openai",
+                   help="request fields the server takes: openai (plain fields, any server), vllm (+ min_tokens, "
+                        "ignore_eos, chat_template_kwargs), llmslo (+ enable_thinking, return_reasoning)")
+    g.add_argument("--max-errors", type=int, default=0,
+                   help="end the run with a FAIL verdict after this many failed requests (0: never)")
+    g.add_argument("--max-error-rate", type=float, default=0.0,
+                   help="end the run with a FAIL verdict when this share of requests failed (0: never) ...")
+    g.add_argument("--max-error-rate-min", type=int, default=20,
+                   help="... once at least this many requests ended")
+    g.add_argument("--max-stamp-delay-ms", type=float, default=5.0,
+                   help="stamping delay p99 (socket arrival -> stamp) above this marks the run invalid")
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ def settings(opts) -> Settings:
         raise OptionError("--warmup-s must be >= 0")
     if opts.arrival_rate < 0:
         raise OptionError("--arrival-rate must be >= 0")
+    if opts.max_errors < 0 or opts.max_error_rate_min < 1 or not 0 <= opts.max_error_rate <= 1:
+        raise OptionError("--max-errors must be >= 0, --max-error-rate within [0, 1], --max-error-rate-min >= 1")
     try:
         steps = tuple(int(s) for s in str(opts.step_users).split(",") if s.strip())
     except ValueError:

@@ -88,6 +88,8 @@ class Run:
     finisher: gevent.Greenlet | None = None
     notes: list[str] = field(default_factory=list)
     capacity: dict | None = None  # the capacity search's answer (loadtest/_shape.py), when one ran
+    failed: int = 0  # failed requests recorded in this run (for --max-errors / --max-error-rate)
+    stopped_early: str | None = None  # why the run was ended before its time (the verdict is then FAIL)
 
     @property
     def is_worker(self) -> bool:
@@ -121,6 +123,30 @@ class Run:
         self.records.append(rec)
         if self.metrics:
             self.metrics.observe(rec)
+        if not rec.ok:
+            self.failed += 1
+            self._stop_if_broken()
+
+    def _stop_if_broken(self) -> None:
+        """--max-errors / --max-error-rate: end a broken run now instead of hammering the server to the end."""
+        opts = self.environment.parsed_options
+        total = len(self.records)
+        if opts.max_errors and self.failed >= opts.max_errors:
+            limit = f"--max-errors {opts.max_errors}"
+        elif opts.max_error_rate and total >= opts.max_error_rate_min and self.failed / total >= opts.max_error_rate:
+            limit = f"--max-error-rate {opts.max_error_rate:g} after >= {opts.max_error_rate_min} requests"
+        else:
+            return
+        if self.stopped_early is not None or self.t_stop is not None:
+            return
+        top, count = Counter(r.error for r in self.records if not r.ok).most_common(1)[0]
+        self.stopped_early = (f"stopped early: {self.failed} of {total} requests failed ({limit}); "
+                              f"most frequent error (x{count}): {top}")
+        self.notes.append(self.stopped_early)
+        log.error("llmslo loadtest: %s", self.secrets.scrub(self.stopped_early))
+        runner = self.environment.runner
+        # a separate greenlet: this may run inside a user's greenlet, which stopping kills
+        gevent.spawn(runner.quit if opts.headless else runner.stop)
 
     def apply_load(self, state: LoadState) -> None:
         """Adopt the master's load state (every process, the master included)."""
@@ -151,7 +177,8 @@ class Run:
             self.finals.add(payload["worker"])
         for data in payload["records"]:
             self.add(RequestRecord.from_dict(data))
-        mine = self.worker_samples.setdefault(payload["worker"], {"loop_lag_s": [], "cpu_percent": [], "cpu_seconds": []})
+        mine = self.worker_samples.setdefault(
+            payload["worker"], {"loop_lag_s": [], "cpu_percent": [], "cpu_seconds": [], "stamp_delay_bins": []})
         for key, values in payload["selfcheck"].items():
             mine[key].extend(values)
 
@@ -201,7 +228,8 @@ class Run:
         acc = _verdict.accounting(records)
         first_users = self.settings.steps[0] if self.settings.steps else int(opts.num_users or 1)
         return {
-            "verdict": _verdict.overall(kpis),
+            "verdict": "FAIL" if self.stopped_early else _verdict.overall(kpis),
+            "stopped_early": self.stopped_early,
             "validity": self._validity(records, final),
             "kpis": kpis,
             "accounting": acc,
@@ -216,6 +244,7 @@ class Run:
                 "failed": acc["failed"],
                 "usage_vs_delta_discrepancies": sum(1 for r in records if r.ok and r.token_discrepancy),
                 "tokens_from_deltas": sum(1 for r in records if r.ok and r.tokens_source == "deltas"),
+                "shorter_than_max_tokens": sum(1 for r in records if r.ok and (r.output_tokens or 0) < r.max_tokens),
             },
             "errors": dict(Counter(r.error for r in records if not r.ok).most_common()),
             "notes": list(self.notes),
@@ -229,9 +258,17 @@ class Run:
                 "runner": type(self.environment.runner).__name__,
                 "workers": sorted(self.worker_samples or {self.worker_id: None}),
                 "warmup_s": opts.warmup_s,
+                "request_fields": self._request_fields(),  # shown in report.html's configuration
                 "options": self.secrets.redact_options(vars(opts)),
             },
         }
+
+    def _request_fields(self) -> dict:
+        """What the requests asked of the server beyond plain OpenAI (--server-dialect), for the report."""
+        assert self.settings is not None
+        dialect = self.settings.mix.dialect
+        return {"dialect": dialect.name, "length_control": dialect.length_control,
+                "thinking_fields": list(dialect.thinking_fields)}
 
     def _validity(self, records: list[RequestRecord], final: bool) -> dict:
         opts = self.environment.parsed_options
@@ -239,6 +276,7 @@ class Run:
         validity = _selfcheck.validity(
             samples, [r.schedule_lag_s for r in records if r.schedule_lag_s is not None],
             opts.max_worker_cpu, opts.max_loop_lag_ms / 1000, opts.max_schedule_lag_ms / 1000,
+            opts.max_stamp_delay_ms / 1000,
         )
         missing = sorted(self.senders - self.finals) if final else []
         if missing:
@@ -326,6 +364,10 @@ def on_test_start(environment, **_kw) -> None:
         return
     opts = environment.parsed_options
     run.records, run.windows, run.worker_samples, run.notes = [], {}, {}, []
+    run.failed, run.stopped_early = 0, None
+    dialect = run.settings.mix.dialect
+    run.notes.append(f"--server-dialect {dialect.name}: reply length by {dialect.length_control}"
+                     + ("" if dialect.thinking_fields else "; no thinking switch sent (--thinking-share ignored)"))
     run.senders, run.finals, run.received, run.open_requests = set(), set(), {}, Counter()
     run.t_stop, run.last_summary = None, None  # the shape opened the first level just before this event
     run.t_start, run.wall_start = time.perf_counter(), time.time()

@@ -1,19 +1,35 @@
-"""Is the load generator itself the bottleneck? Sample its CPU and gevent loop lag.
+"""Is the load generator itself the bottleneck? Its stamping delay, CPU and gevent loop lag.
 
-A timer greenlet asks to sleep for a fixed tick; how late it wakes up is the
-loop lag, the delay every token stamp in this process may also have suffered.
+The stamping delay is what matters: for every socket read of a stream, the
+time from the kernel's receive timestamp of the bytes to the load test's
+stamp of them (loadtest/_sse.py). It is measured on every read, so a burst of
+hundreds of simultaneous chunks is seen exactly where it hurts; a timer
+cannot see it (it samples time, not chunks: a 50 ms tick mostly lands between
+bursts). Kept as a histogram of 0.1 ms bins so a long run costs constant
+memory; its p99 is reported as the upper edge of its bin (a bound).
+
+A timer greenlet also asks to sleep for a fixed tick; how late it wakes up is
+the loop lag (kept as a second signal, and where the kernel gives no receive
+timestamps, e.g. TLS).
 """
 
 from __future__ import annotations
 
+import itertools
+import socket
 import time
+from collections import Counter
 
 import gevent
 import numpy as np
 import psutil
 
+from loadtest._sse import kernel_timestamps_on
+
 TICK_S = 0.05
 CPU_EVERY = 20  # ticks (1 s)
+DELAY_BIN_S = 1e-4  # stamping-delay histogram resolution
+DELAY_BINS = 10_000  # the last bin holds every delay >= 1 s
 
 
 class SelfCheck:
@@ -22,20 +38,33 @@ class SelfCheck:
     def __init__(self) -> None:
         self.loop_lag_s: list[float] = []
         self.cpu_percent: list[float] = []
+        self.stamp_delay_bins: Counter[int] = Counter()
         self._greenlet: gevent.Greenlet | None = None
         self._proc = psutil.Process()
         self._cpu_at_reset = 0.0
+        self._timestamps: socket.socket | None = None
 
     def reset(self) -> None:
         """Start of a run: drop old samples, restart the CPU-seconds count."""
         self.drain()
         self._cpu_at_reset = self._cpu_seconds()
 
+    def observe_stamp_delays(self, delays_s: list[float]) -> None:
+        """Add one stream's socket-arrival-to-stamp delays (called after the stream, off the timed path)."""
+        bins = self.stamp_delay_bins
+        for d in delays_s:
+            bins[min(DELAY_BINS, max(0, int(d / DELAY_BIN_S)))] += 1
+
     def _cpu_seconds(self) -> float:
         times = self._proc.cpu_times()
         return times.user + times.system
 
     def start(self) -> None:
+        if self._timestamps is None:
+            try:
+                self._timestamps = kernel_timestamps_on()
+            except OSError:  # no SO_TIMESTAMPNS here: no stamping delay, the loop lag still speaks
+                pass
         if self._greenlet is None:
             self._greenlet = gevent.spawn(self._run)
 
@@ -53,15 +82,28 @@ class SelfCheck:
 
     def drain(self) -> dict[str, list[float]]:
         """Samples since the last drain, and CPU seconds used since reset (for shipping to the master)."""
-        out = {"loop_lag_s": self.loop_lag_s, "cpu_percent": self.cpu_percent,
-               "cpu_seconds": [self._cpu_seconds() - self._cpu_at_reset]}
-        self.loop_lag_s, self.cpu_percent = [], []
+        out = self.snapshot()
+        self.loop_lag_s, self.cpu_percent, self.stamp_delay_bins = [], [], Counter()
         return out
 
     def snapshot(self) -> dict[str, list[float]]:
         """Samples so far without draining (single-process runs keep them here)."""
         return {"loop_lag_s": list(self.loop_lag_s), "cpu_percent": list(self.cpu_percent),
-                "cpu_seconds": [self._cpu_seconds() - self._cpu_at_reset]}
+                "cpu_seconds": [self._cpu_seconds() - self._cpu_at_reset],
+                "stamp_delay_bins": [[b, n] for b, n in self.stamp_delay_bins.items()]}
+
+
+def stamp_delay_p99(bins: list[list[int]]) -> float | None:
+    """Upper bound of the stamping delay's p99 from [bin, count] pairs (several batches may repeat a bin)."""
+    counts: Counter[int] = Counter()
+    for b, n in bins:
+        counts[b] += n
+    total = sum(counts.values())
+    if not total:
+        return None
+    order = sorted(counts)
+    cumulative = itertools.accumulate(counts[b] for b in order)
+    return next((b + 1) * DELAY_BIN_S for b, seen in zip(order, cumulative) if seen >= 0.99 * total)
 
 
 def validity(
@@ -70,6 +112,7 @@ def validity(
     max_cpu: float,
     max_loop_lag_s: float,
     max_schedule_lag_s: float,
+    max_stamp_delay_s: float,
 ) -> dict:
     """Run validity: invalid when any generator process saturated or open-loop arrivals ran late."""
     reasons = []
@@ -77,8 +120,13 @@ def validity(
     for worker, samples in sorted(per_worker.items()):
         cpu = np.percentile(samples["cpu_percent"], 90) if samples["cpu_percent"] else None
         lag = np.percentile(samples["loop_lag_s"], 99) if samples["loop_lag_s"] else None
-        workers[worker] = {"cpu_percent_p90": cpu, "loop_lag_p99_s": lag,
+        delay = stamp_delay_p99(samples.get("stamp_delay_bins") or [])
+        workers[worker] = {"cpu_percent_p90": cpu, "loop_lag_p99_s": lag, "stamp_delay_p99_s": delay,
+                           "stamp_delay_reads": sum(n for _, n in samples.get("stamp_delay_bins") or []),
                            "cpu_seconds": max(samples.get("cpu_seconds") or [0.0])}
+        if delay is not None and delay > max_stamp_delay_s:
+            reasons.append(f"{worker}: stamping delay p99 <= {delay * 1e3:.1f} ms > {max_stamp_delay_s * 1e3:.1f} ms "
+                           "(chunks waited in the generator before their stamp)")
         if cpu is not None and cpu > max_cpu:
             reasons.append(f"{worker}: CPU p90 {cpu:.0f}% > {max_cpu:.0f}%")
         if lag is not None and lag > max_loop_lag_s:

@@ -1,10 +1,18 @@
 """Read one OpenAI chat-completions SSE stream and turn it into a timed record.
 
-Why line by line: geventhttpclient's ``read(n)`` waits until n bytes have
-arrived, which would stamp a token with the arrival time of a later one. Each
-``data:`` line is stamped with ``time.perf_counter()`` (CLOCK_MONOTONIC on
-Linux, the same clock in every process of a host) the moment ``readline``
-hands it over.
+Stamp first, parse later. Under a burst (hundreds of streams whose tokens
+arrive in the same millisecond) every greenlet's stamp waits for the work
+the greenlets woken before it do per chunk, so that work is cut to the bone:
+a socket read, the clock, the HTTP chunk decoder (C), an append. Splitting
+lines, JSON decoding and every KPI happen once the stream has ended
+(:func:`consume`). Each line is stamped with the clock reading taken right
+after the socket read that delivered its last byte (``time.perf_counter()``,
+CLOCK_MONOTONIC on Linux, the same clock in every process of a host).
+
+Each read also asks the kernel when the bytes reached the socket
+(``SO_TIMESTAMPNS``); the difference to the stamp is the stamping delay the
+self-check judges (loadtest/_selfcheck.py), measured on every read instead of
+guessed from a timer.
 
 The definitions of every field live in docs/glossary.md; this module is their
 one implementation.
@@ -12,14 +20,25 @@ one implementation.
 
 from __future__ import annotations
 
-import json
+import bisect
+import socket
+import ssl
+import struct
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
+
+import gevent.ssl
+import orjson
 
 from contract.record import RequestRecord
+from contract.timing import USAGE_KEY as TIMING_KEY
 
 Clock = Callable[[], float]
+Block = tuple[float, bytes]  # (stamp, bytes one read delivered)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not export it
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 class StreamError(Exception):
@@ -33,59 +52,160 @@ class _Event:
     reasoning: str
 
 
-def iter_sse_data(readline: Callable[[], bytes], clock: Clock) -> Iterator[tuple[float, bytes, int]]:
-    """Yield (arrival time, data payload, raw line bytes) for each ``data:`` line.
+def kernel_timestamps_on() -> socket.socket:
+    """A socket that asks for receive timestamps; keep it open for the run.
 
-    Comments (``:``), ``event:``/``id:`` fields and blank separators are skipped;
-    a multi-line event is not used by OpenAI servers and is treated as separate lines.
+    Linux stamps incoming packets only while some socket asks for it, so
+    without this the bytes that reach a fresh connection before its own flag
+    is set (its first request's) would carry no kernel time.
     """
-    while True:
-        line = readline()
-        t = clock()
-        if not line:
+    keeper = socket.socket()
+    keeper.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    return keeper
+
+
+class SocketReads:
+    """The response body as stamped blocks, read straight off the response's socket.
+
+    ``response`` is geventhttpclient's ``HTTPSocketResponse`` (what Locust's
+    FastResponse wraps): its socket, its HTTP parser (``feed``, which also
+    undoes chunked encoding into ``_body_buffer``) and ``message_complete``.
+    ``delays_s`` collects socket-arrival-to-stamp delays (kernel receive time
+    to the stamp, both on CLOCK_REALTIME); empty where the kernel gives none
+    (TLS sockets, non-Linux).
+    """
+
+    def __init__(self, response, clock: Clock = time.perf_counter) -> None:
+        self.response = response
+        self.clock = clock
+        self.delays_s: list[float] = []
+
+    def __iter__(self) -> Iterator[Block]:
+        resp, clock = self.response, self.clock
+        buffered = resp._body_buffer
+        if buffered:  # arrived with the headers
+            yield clock(), bytes(buffered)
+            del buffered[:]
+        sock = resp._sock
+        if sock is None or resp.message_complete:
             return
-        raw = len(line)
-        stripped = line.strip()
-        if not stripped or stripped.startswith(b":"):
-            yield t, b"", raw
-            continue
-        if stripped.startswith(b"data:"):
-            yield t, stripped[5:].strip(), raw
-        elif stripped.split(b":", 1)[0] in (b"event", b"id", b"retry"):
-            yield t, b"", raw
-        else:
-            raise StreamError(f"malformed SSE line: {stripped[:80].decode('utf-8', 'replace')!r}")
+        recv = self._kernel_stamped(sock)
+        try:
+            while not resp.message_complete:
+                data = recv()
+                t = clock()  # stamp first: nothing but the read happened before this line
+                if not data:
+                    return
+                resp.feed(data)
+                if buffered:
+                    yield t, bytes(buffered)
+                    del buffered[:]
+        except Exception:  # as geventhttpclient's own readline does: the half-read connection is closed
+            resp.release()
+            raise
 
+    def _kernel_stamped(self, sock) -> Callable[[], bytes]:
+        """A read function; on a plain TCP socket it also records the socket-arrival-to-stamp delay."""
+        size = self.response.block_size
+        if isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)):  # recvmsg would bypass TLS
+            return lambda: sock.recv(size)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError:
+            return lambda: sock.recv(size)
+        delays, wall = self.delays_s, time.clock_gettime_ns
 
-def _error_text(obj: dict) -> str:
-    err = obj.get("error")
-    if isinstance(err, dict):
-        return str(err.get("message") or err)
-    return str(err)
+        def recv() -> bytes:
+            data, ancillary, _flags, _addr = sock.recvmsg(size, _ANCILLARY)
+            now = wall(time.CLOCK_REALTIME)
+            for level, kind, raw in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
+                    sec, nsec = _TIMESPEC.unpack_from(raw)
+                    delays.append((now - sec * 1_000_000_000 - nsec) / 1e9)
+            return data
+
+        return recv
 
 
 def read_stream(record: RequestRecord, readline: Callable[[], bytes], t0: float, clock: Clock = time.perf_counter) -> None:
-    """Consume the stream into ``record``; raise StreamError when it breaks.
+    """Consume a stream given as a line reader (each line stamped as it is returned) into ``record``."""
 
-    ``t0`` is the clock reading just before the request was sent.
+    def blocks() -> Iterator[Block]:
+        while line := readline():
+            yield clock(), line
+
+    consume(record, blocks(), t0)
+
+
+def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
+    """Gather stamped blocks until the stream ends, then parse and summarise; raise StreamError when it broke.
+
+    ``t0`` is the clock reading just before the request was sent. Reading stops
+    at the end of the body or at a ``data: [DONE]`` line (cheap substring check
+    first, so a token that merely contains "[DONE]" does not end it). A stream
+    ends well with ``[DONE]`` or, for servers that send none (``transformers
+    serve``), when the body ends after a choice carried a ``finish_reason``.
+    """
+    data = bytearray()
+    stamps: list[float] = []
+    ends: list[int] = []
+    for t, block in blocks:
+        data += block
+        stamps.append(t)
+        ends.append(len(data))
+        if b"[DONE]" in block and _done_line(data):
+            break
+    record.response_bytes += len(data)
+    events, usage, done_at = _parse(_stamped_lines(data, stamps, ends))
+    if done_at is None:
+        raise StreamError("stream ended without [DONE] and without a finish_reason")
+    record.e2e_s = done_at - t0
+    _summarise(record, events, usage, t0)
+
+
+def _done_line(data: bytearray) -> bool:
+    """Has a ``data: [DONE]`` line (any spacing) arrived?"""
+    lines = (line.strip() for line in data.split(b"\n"))
+    return any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines)
+
+
+def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> Iterator[tuple[float, bytes]]:
+    """Each line with the stamp of the read that delivered its last byte."""
+    start = 0
+    while start < len(data):
+        stop = data.find(b"\n", start)
+        stop = len(data) if stop < 0 else stop + 1
+        yield stamps[bisect.bisect_left(ends, stop)], bytes(data[start:stop])
+        start = stop
+
+
+def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | None, float | None]:
+    """Token events, the last usage object and the end stamp (None: the stream did not end well), in line order.
+
+    The end is the ``[DONE]`` line or, without one, the last data line once a
+    choice carried a ``finish_reason``.
+
+    Comments (``:``), ``event:``/``id:``/``retry:`` fields and blank separators
+    are skipped; a multi-line event is not used by OpenAI servers and is read
+    as separate lines.
     """
     events: list[_Event] = []
     usage: dict | None = None
-    done = False
-    for t, data, raw in iter_sse_data(readline, clock):
-        record.response_bytes += raw
-        if not data:
+    finished_at: float | None = None
+    for t, line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith(b":"):
             continue
-        if data == b"[DONE]":
-            done = True
-            record.e2e_s = t - t0
-            break
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise StreamError(f"malformed SSE data (not JSON): {data[:80].decode('utf-8', 'replace')!r}") from None
-        if not isinstance(obj, dict):
-            raise StreamError(f"malformed SSE data (not an object): {data[:80].decode('utf-8', 'replace')!r}")
+        if not stripped.startswith(b"data:"):
+            if stripped.split(b":", 1)[0] in (b"event", b"id", b"retry"):
+                continue
+            raise StreamError(f"malformed SSE line: {stripped[:80].decode('utf-8', 'replace')!r}")
+        payload = stripped[5:].strip()
+        if not payload:
+            continue
+        if payload == b"[DONE]":
+            return events, usage, t
+        obj = _json_object(payload)
         if "error" in obj:
             raise StreamError(f"error mid-stream: {_error_text(obj)}")
         if obj.get("usage"):
@@ -96,9 +216,28 @@ def read_stream(record: RequestRecord, readline: Callable[[], bytes], t0: float,
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
             if content or reasoning:
                 events.append(_Event(t, content, reasoning))
-    if not done:
-        raise StreamError("stream ended without [DONE]")
-    _summarise(record, events, usage, t0)
+            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
+                finished_at = t
+        if finished_at is not None:
+            finished_at = t  # a usage-only chunk may follow the finishing one
+    return events, usage, finished_at
+
+
+def _json_object(payload: bytes) -> dict:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise StreamError(f"malformed SSE data (not JSON): {payload[:80].decode('utf-8', 'replace')!r}") from None
+    if not isinstance(obj, dict):
+        raise StreamError(f"malformed SSE data (not an object): {payload[:80].decode('utf-8', 'replace')!r}")
+    return obj
+
+
+def _error_text(obj: dict) -> str:
+    err = obj.get("error")
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    return str(err)
 
 
 def _summarise(record: RequestRecord, events: list[_Event], usage: dict | None, t0: float) -> None:
@@ -118,6 +257,8 @@ def _summarise(record: RequestRecord, events: list[_Event], usage: dict | None, 
         details = usage.get("completion_tokens_details") or {}
         record.reasoning_tokens = details.get("reasoning_tokens")
         record.tokens_source = "usage"
+        timing = usage.get(TIMING_KEY)  # an llmslo server's per-hop timing (loadtest/_hops.py)
+        record.server_timing = timing if isinstance(timing, dict) else None
         record.token_discrepancy = record.output_tokens - deltas
     else:
         record.output_tokens = deltas

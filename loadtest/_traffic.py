@@ -33,6 +33,29 @@ class TrafficError(ValueError):
 
 
 @dataclass(frozen=True)
+class Dialect:
+    """Which request fields beyond plain OpenAI a server takes (``--server-dialect``).
+
+    A strict server (``transformers serve``, OpenAI itself) answers 422/400 to a
+    field it does not know, so every extension is opt-in: a dialect lists what
+    may be sent, and the report says how the reply length was controlled.
+    """
+
+    name: str
+    length_fields: bool  # min_tokens = max_tokens and ignore_eos: fixed reply length (vLLM's sampling extensions)
+    thinking_fields: tuple[str, ...]  # request fields that carry the thinking switch
+    length_control: str  # for summary.json and the report
+
+
+_FIXED = "min_tokens = max_tokens and ignore_eos: every reply exactly max_tokens long"
+DIALECTS = {
+    "openai": Dialect("openai", False, (), "max_tokens only: a reply may end earlier, at the model's end of sequence"),
+    "vllm": Dialect("vllm", True, ("chat_template_kwargs",), _FIXED),
+    "llmslo": Dialect("llmslo", True, ("enable_thinking", "return_reasoning", "chat_template_kwargs"), _FIXED),
+}
+
+
+@dataclass(frozen=True)
 class Mix:
     """Parsed traffic options (from Locust custom arguments)."""
 
@@ -47,6 +70,7 @@ class Mix:
     image_px: tuple[int, int]
     audio_s: tuple[float, float]
     model: str
+    dialect: Dialect = DIALECTS["openai"]
     prompts: tuple[dict, ...] = ()
 
     @classmethod
@@ -66,9 +90,11 @@ class Mix:
         if not 0.1 <= opts.audio_min_s <= opts.audio_max_s <= 60:
             raise TrafficError("--audio-min-s/--audio-max-s must satisfy 0.1 <= min <= max <= 60")
         prompts = load_prompts(opts.prompts_file) if opts.prompts_file else ()
+        dialect = DIALECTS[opts.server_dialect]
         return cls(
             weights=weights,
-            thinking_share=opts.thinking_share,
+            # a dialect without a thinking switch cannot ask for thinking: no request is recorded as thinking
+            thinking_share=opts.thinking_share if dialect.thinking_fields else 0.0,
             short_share=opts.short_share,
             input_tokens=opts.input_tokens,
             output_tokens=opts.output_tokens,
@@ -78,6 +104,7 @@ class Mix:
             image_px=(opts.image_min_px, opts.image_max_px),
             audio_s=(opts.audio_min_s, opts.audio_max_s),
             model=opts.model or model,
+            dialect=dialect,
             prompts=prompts,
         )
 
@@ -168,18 +195,18 @@ def _from_prompt_file(mix: Mix, rng: random.Random) -> Planned:
 
 
 def _body(mix: Mix, messages: list, max_tokens: int, thinking: bool, fixed_length: bool) -> bytes:
-    body = {
+    """The JSON body: plain OpenAI fields, plus the extensions ``mix.dialect`` allows."""
+    body: dict = {
         "model": mix.model,
         "messages": messages,
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": max_tokens,
-        # the seed's LangChain call passes these as extra_body (seed 000 §3)
-        "enable_thinking": thinking,
-        "return_reasoning": thinking,
-        "chat_template_kwargs": {"enable_thinking": thinking},
     }
-    if fixed_length:  # vLLM extensions: make the reply exactly max_tokens long
+    # the seed's LangChain call passes the thinking switches as extra_body (seed 000 §3)
+    for name in mix.dialect.thinking_fields:
+        body[name] = {"enable_thinking": thinking} if name == "chat_template_kwargs" else thinking
+    if fixed_length and mix.dialect.length_fields:  # make the reply exactly max_tokens long
         body.update(min_tokens=max_tokens, ignore_eos=True)
     return json.dumps(body, separators=(",", ":")).encode()
 

@@ -11,7 +11,10 @@ CLOCK_MONOTONIC is system-wide on Linux, so the two processes share a clock.
 error event after a few tokens), malformed (a non-JSON data line), stall
 (stop writing), nodone (close without [DONE]); ``--max-streams N`` answers 503
 to a request that would be the (N+1)-th concurrent stream (a server that fails
-only under load). Every chat request is logged, rejected ones with their status.
+only under load); ``--strict`` answers 422 to a request field that OpenAI's
+Chat Completions API does not define, as ``transformers serve`` does (a server
+that takes no extensions). Every chat request is logged, rejected ones with
+their status.
 
 Run: ``python -m loadtest._truth_server --port 8123 --ttft 0.1 --itl 0.02``.
 """
@@ -30,6 +33,13 @@ from contextlib import contextmanager
 from typing import Iterator
 
 MODES = ("ok", "http500", "http400", "midstream", "malformed", "stall", "nodone")
+# the request fields of OpenAI's Chat Completions API (platform.openai.com/docs/api-reference/chat/create)
+OPENAI_CHAT_FIELDS = frozenset({
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "n", "stop", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "seed",
+    "tools", "tool_choice", "parallel_tool_calls", "response_format", "audio", "modalities", "prediction",
+    "reasoning_effort", "service_tier", "store", "metadata", "web_search_options",
+})
 
 
 class TruthServer:
@@ -80,6 +90,12 @@ class TruthServer:
         if a.max_streams and self.active >= a.max_streams:
             entry["status"] = 503
             await self._send(writer, 503, "application/json", _error("overloaded (truth server --max-streams)", "server_error"))
+            return True
+        unknown = set(req) - OPENAI_CHAT_FIELDS if a.strict else set()
+        if unknown:  # what transformers serve answers
+            entry["status"] = 422
+            await self._send(writer, 422, "application/json",
+                             _error(f"Unexpected fields in the request: {sorted(unknown)}", "invalid_request_error"))
             return True
         if a.mode == "http500":
             await self._send(writer, 500, "application/json", _error("engine exploded (truth server http500 mode)", "server_error"))
@@ -158,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reasoning", type=int, default=0, help="first N tokens are reasoning_content")
     p.add_argument("--mode", choices=MODES, default="ok")
     p.add_argument("--max-streams", type=int, default=0, help="answer 503 beyond this many concurrent streams (0: no limit)")
+    p.add_argument("--strict", action="store_true", help="answer 422 to request fields OpenAI does not define")
     p.add_argument("--cpu", type=int, default=-1, help="pin the server to this CPU core")
     return p.parse_args(argv)
 

@@ -20,8 +20,9 @@ from locust import FastHttpUser, events, task
 from contract.record import RequestRecord
 from loadtest import _run
 from loadtest._run import run_of
+from loadtest._selfcheck import SelfCheck
 from loadtest._shape import SLOShape
-from loadtest._sse import StreamError, read_stream
+from loadtest._sse import SocketReads, StreamError, consume
 from loadtest._traffic import plan_request
 
 _run.register(events)
@@ -116,7 +117,7 @@ class ChatUser(FastHttpUser):
             with self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
                                   name=f"chat [{rec.cls}]") as resp:
                 try:
-                    self._read(resp, rec, t0, opts.stall_timeout)
+                    self._read(resp, rec, t0, opts.stall_timeout, self.run.selfcheck)
                 except StreamError as exc:
                     rec.error = str(exc)
                 except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, parse error
@@ -131,16 +132,19 @@ class ChatUser(FastHttpUser):
             self._fire_slo_events(rec)
 
     @staticmethod
-    def _read(resp, rec: RequestRecord, t0: float, stall_timeout: float) -> None:
+    def _read(resp, rec: RequestRecord, t0: float, stall_timeout: float, selfcheck: SelfCheck) -> None:
         error = getattr(resp, "error", None)
         rec.status = resp.status_code or 0
         if rec.status >= 400:
             raise StreamError(f"HTTP {rec.status}: {_error_message(resp)}")
         if error is not None:  # Locust's client caught a connection-level failure
             raise StreamError(_describe_error(error, stall_timeout))
-        # FastResponse has no public line reader; its geventhttpclient response has readline()
-        raw = resp._response
-        read_stream(rec, lambda: raw.readline(b"\n"), t0)
+        # FastResponse has no public stream reader: read its geventhttpclient response's socket
+        reads = SocketReads(resp._response)
+        try:
+            consume(rec, reads, t0)
+        finally:  # the self-check's samples, off the timed path
+            selfcheck.observe_stamp_delays(reads.delays_s)
 
     def _fire_slo_events(self, rec: RequestRecord) -> None:
         """Each KPI sample as a Locust request event, so the stock tables and charts show it."""

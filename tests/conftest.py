@@ -100,18 +100,19 @@ class ServeApp:
         return seen
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
+def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, path: str = "/healthz",
+                  name: str = "llmslo serve") -> None:
     deadline = time.monotonic() + SERVE_START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llmslo serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise RuntimeError(f"llmslo serve not healthy after {SERVE_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+    raise RuntimeError(f"{name} not healthy after {SERVE_START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="session")

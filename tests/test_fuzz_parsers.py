@@ -1,7 +1,7 @@
 """Hypothesis on the byte-level parsers: the load test's SSE reader and serve's media decoders.
 
 SSE: whatever a server sends, a stream is recorded as a success only if it ended with
-``[DONE]`` and carried a token; a broken stream raises (StreamError, or for a chunk of
+``[DONE]`` (or, from a server that sends none, after a ``finish_reason``) and carried a token; a broken stream raises (StreamError, or for a chunk of
 the wrong JSON shape such as ``"choices": 5`` a TypeError/AttributeError), and the
 locustfile counts any exception there as a failed request; it never hangs.
 Media: any bytes give an image/audio or a 400 APIError, never another exception;
@@ -78,9 +78,20 @@ def test_sse_reader_never_counts_a_broken_stream_as_success(lines):
         assert not record.ok
         return
     assert record.ok
-    done = lines.index(b"data: [DONE]\n")  # success only with [DONE] ...
+    # success only with [DONE], or (servers that send none) a chunk with a finish_reason ...
+    done = lines.index(b"data: [DONE]\n") if b"data: [DONE]\n" in lines else len(lines)
+    assert done < len(lines) or any(_finishes(line) for line in lines)
     assert record.output_tokens is not None and record.ttft_s is not None  # ... and a token before it
     assert not any(b'"error"' in line for line in lines[:done] if line.startswith(b"data: {"))
+
+
+def _finishes(line: bytes) -> bool:
+    """Is this a chunk whose choice says the reply is complete (non-empty string finish_reason)?"""
+    if not line.startswith(b"data: {"):
+        return False
+    choices = json.loads(line[6:]).get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and isinstance(c.get("finish_reason"), str) and c["finish_reason"] for c in choices)
 
 
 # ---- media ---------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 from conftest import free_port
 from loadtest import run_headless
 from loadtest._headless import LOCUSTFILE_DIR
-from loadtest._truth_server import running
+from loadtest._truth_server import fetch_truth, running
 
 SMALL = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "8", "--short-share", "0")
 
@@ -44,12 +44,46 @@ def test_connection_refused_is_a_failure_not_a_crash(tmp_path):
     assert any("connection refused" in e.lower() for e in out.summary["errors"]), out.summary["errors"]
 
 
+def test_plain_openai_requests_pass_a_strict_server_by_default(tmp_path):
+    """The default dialect sends no extension, so a server that rejects unknown fields serves every request."""
+    with running(free_port(), "--ttft", "0.01", "--itl", "0.005", "--strict") as url:
+        out = run_headless(url, tmp_path, 2, "3s", *SMALL, timeout=120)
+        truth = fetch_truth(url)
+    s = out.summary
+    assert s is not None, out.output[-2000:]
+    assert s["requests"]["failed"] == 0 and s["requests"]["total"] == len(truth) > 0, s["errors"]
+    assert s["config"]["request_fields"]["dialect"] == "openai"
+    assert "max_tokens only" in s["config"]["request_fields"]["length_control"]
+    assert "max_tokens only" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize(
+    "server, limits, reason",
+    [
+        (("--strict",), ("--server-dialect", "llmslo", "--max-errors", "5"), "--max-errors 5"),
+        (("--mode", "http500"), ("--max-error-rate", "0.5", "--max-error-rate-min", "8"), "--max-error-rate 0.5"),
+    ],
+)
+def test_a_broken_run_ends_early_with_a_fail_naming_the_error(tmp_path, server, limits, reason):
+    """Extensions a strict server rejects (or a failing server) end the run long before -t, every request recorded."""
+    with running(free_port(), "--ttft", "0.01", "--itl", "0.005", *server) as url:
+        out = run_headless(url, tmp_path, 2, "120s", *SMALL, *limits, timeout=120)
+        truth = fetch_truth(url)
+    s = out.summary
+    assert out.returncode == 1 and s["verdict"] == "FAIL", out.output[-2000:]
+    assert reason in s["stopped_early"] and s["duration_s"] < 60
+    expected = "Unexpected fields in the request" if "--strict" in server else "HTTP 500: engine exploded"
+    assert expected in s["stopped_early"] and expected in out.output
+    assert s["requests"]["total"] == len(truth) == s["requests"]["failed"]  # every request sent is accounted for
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--mix", "video=1"], "--mix: expected CLASS=WEIGHT"),
         (["--short-share", "2"], "--short-share must be within"),
         (["--step-users", "4,2"], "--step-users: user counts must be >= 1 and strictly increasing"),
+        (["--max-error-rate", "2"], "--max-error-rate within [0, 1]"),
         (["--slo-file", "/nonexistent/slo.yaml"], "cannot read /nonexistent/slo.yaml"),
     ],
 )

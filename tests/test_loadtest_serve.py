@@ -7,7 +7,8 @@ import json
 from loadtest import run_headless
 
 MIX = ("--mix", "text=2,image=1,audio=1", "--image-max-px", "448", "--audio-max-s", "2",
-       "--input-tokens", "64", "--output-tokens", "48", "--short-share", "0.3", "--thinking-share", "0.5")
+       "--input-tokens", "64", "--output-tokens", "48", "--short-share", "0.3", "--thinking-share", "0.5",
+       "--server-dialect", "llmslo")
 
 
 def test_multimodal_run_against_serve_reads_server_kpis(serve_faults, tmp_path):

@@ -26,8 +26,27 @@ class _Inline:
 def _opts(**kw):
     base = dict(mix="text=1,image=1,audio=1", thinking_share=0.5, short_share=0.25, input_tokens=40,
                 output_tokens=64, length_spread=0.0, images_max=3, image_min_px=224, image_max_px=400,
-                audio_min_s=1.0, audio_max_s=2.0, prompts_file="", model="")
+                audio_min_s=1.0, audio_max_s=2.0, prompts_file="", model="", server_dialect="llmslo")
     return SimpleNamespace(**{**base, **kw})
+
+
+PLAIN_OPENAI = {"model", "messages", "stream", "stream_options", "max_tokens"}
+
+
+@pytest.mark.parametrize(
+    "dialect, extensions",
+    [
+        ("openai", set()),
+        ("vllm", {"min_tokens", "ignore_eos", "chat_template_kwargs"}),
+        ("llmslo", {"min_tokens", "ignore_eos", "chat_template_kwargs", "enable_thinking", "return_reasoning"}),
+    ],
+)
+def test_extensions_are_sent_only_in_a_dialect_that_takes_them(dialect, extensions):
+    mix = Mix.from_options(_opts(server_dialect=dialect, mix="text=1", short_share=0), short_tokens=32, model="m")
+    planned = [plan_request(mix, random.Random(i), _Inline) for i in range(20)]
+    assert all(set(json.loads(p.body)) == PLAIN_OPENAI | extensions for p in planned)
+    # no thinking switch in the dialect: no request is counted as a thinking one
+    assert any(p.thinking for p in planned) == bool(extensions)
 
 
 def test_bodies_follow_the_mix_and_ask_for_usage():

@@ -138,7 +138,7 @@ def test_replica_kill_and_prometheus_restart_during_a_load_test(serve_faults, pr
     load = ThreadPoolExecutor(1).submit(
         run_headless, app.url, tmp_path / "load", 8, "25s", "--mix", "text=1", "--thinking-share", "0",
         "--short-share", "0", "--input-tokens", "32", "--output-tokens", str(OUTPUT_TOKENS), "--length-spread", "0.3",
-        "--client-metrics-port", str(prom.client_port), "--server-metrics-url", app.metrics_url, timeout=240)
+        "--server-dialect", "llmslo", "--client-metrics-port", str(prom.client_port), "--server-metrics-url", app.metrics_url, timeout=240)
     try:
         until("8 streams in flight", lambda: total(scrape(app), M.IN_FLIGHT) >= 6, 60)
         time.sleep(2)

@@ -1,0 +1,90 @@
+"""Stamp first, parse later: the SSE reader's stamps per socket read, and the self-check's stamping delay."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import gevent.socket
+import pytest
+from geventhttpclient.response import HTTPSocketResponse
+
+from contract.record import RequestRecord
+from loadtest._selfcheck import DELAY_BIN_S, stamp_delay_p99
+from loadtest._sse import SocketReads, StreamError, consume, kernel_timestamps_on
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _chunked(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _event(obj: dict | str) -> bytes:
+    return b"data: " + (obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()) + b"\n\n"
+
+
+def _connected() -> tuple[gevent.socket.socket, gevent.socket.socket]:
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = gevent.socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    return client, server
+
+
+def test_the_delay_between_socket_arrival_and_stamp_is_measured():
+    """Bytes that wait in the kernel while the generator is busy show up as stamping delay (kernel timestamps)."""
+    keeper = kernel_timestamps_on()  # as the self-check does for the run
+    client, server = _connected()
+    server.sendall(HEAD)
+    response = HTTPSocketResponse(client)
+    t0 = time.perf_counter()
+    server.sendall(_chunked(_event({"choices": [{"delta": {"content": "a"}}]})))
+    time.sleep(0.03)  # the generator is busy elsewhere: the chunk waits, its stamp is late
+    reads = SocketReads(response)
+    blocks = iter(reads)
+    first = next(blocks)
+    assert len(reads.delays_s) == 1 and reads.delays_s[0] >= 0.03  # the kernel had it >= 30 ms before the stamp
+    server.sendall(_chunked(_event("[DONE]")) + b"0\r\n\r\n")
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=1)
+    consume(rec, itertools.chain([first], blocks), t0)
+    assert rec.ok and rec.output_tokens == 1 and rec.ttft_s >= 0.03
+    for sock in (client, server, keeper):
+        sock.close()
+
+
+def test_each_line_gets_the_stamp_of_the_read_that_completed_it():
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=3)
+    token = lambda text: _event({"choices": [{"delta": {"content": text}}]})  # noqa: E731
+    blocks = [
+        (1.0, token("a") + token("b")[:9]),  # the second event is split across reads
+        (2.0, token("b")[9:] + token("says [DONE]")),  # "[DONE]" in a token does not end the stream
+        (3.0, _event("[DONE]")),
+        (4.0, b"data: {broken\n"),  # after [DONE]: never read
+    ]
+    consume(rec, iter(blocks), t0=0.5)
+    assert rec.ok and rec.ttft_s == 0.5 and rec.itl_s == [1.0, 0.0] and rec.e2e_s == 2.5
+    assert rec.tokens_source == "deltas" and rec.output_tokens == 3
+
+
+def test_stamping_delay_p99_is_an_upper_bound_over_batches():
+    # 98 reads in bin 0, one in bin 3, one in bin 50, the last two shipped in separate batches
+    bins = [[0, 97], [3, 1], [0, 1], [50, 1]]
+    assert stamp_delay_p99(bins) == 4 * DELAY_BIN_S  # the 99th of 100 reads is in bin 3: < 0.4 ms
+    assert stamp_delay_p99([]) is None
+
+
+def test_a_stream_without_done_ends_well_only_after_a_finish_reason():
+    """transformers serve sends no [DONE]: its last chunk carries finish_reason (and usage)."""
+    token = _event({"choices": [{"delta": {"content": "a"}, "index": 0}]})
+    finish = _event({"choices": [{"delta": {}, "index": 0, "finish_reason": "length"}],
+                     "usage": {"completion_tokens": 2, "prompt_tokens": 4}})
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=2)
+    consume(rec, iter([(1.0, token), (1.5, token), (2.0, finish)]), t0=0.0)
+    assert rec.ok and rec.e2e_s == 2.0 and rec.output_tokens == 2 and rec.tokens_source == "usage"
+    cut = RequestRecord(id="c", cls="text", thinking=False, short=False, max_tokens=2)
+    with pytest.raises(StreamError, match="without \\[DONE\\] and without a finish_reason"):
+        consume(cut, iter([(1.0, token), (1.5, token)]), t0=0.0)
