@@ -28,13 +28,12 @@ def test_multimodal_run_against_serve_reads_server_kpis(serve_faults, tmp_path):
     prompt = {r["prompt_tokens"] for r in text if r["ok"] and r["cls"] == "text"}
     assert prompt and all(64 <= p <= 64 + 10 for p in prompt), prompt  # --input-tokens as the server counts
     # every successful stream carried the server's per-hop timing; no hop is negative (each is a
-    # difference of milestones in path order) and the engine's prefill is where the time goes
+    # difference of milestones in path order)
     hops = s["ttft_hops"]["4"]
     assert hops["requests"] == sum(1 for r in text if r["ok"]), hops
     for r in (r for r in text if r["ok"]):
         split = _hops.split(RequestRecord.from_dict(r))
         assert split is not None and min(split.values()) >= 0, split
-    assert hops["prefill"]["p50"] > max(hops[h]["p50"] for h in ("routing", "queue", "relay")), hops
 
     app.admin("POST", {"oom": 2})
     failed = run_headless(app.url, tmp_path / "oom", 2, "5s", *MIX, "--server-metrics-url", app.metrics_url, timeout=180)
