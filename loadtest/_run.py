@@ -12,8 +12,8 @@ spawning completes (``steady``), the level's time runs out (``drain``: load
 stays at the level, new requests are not judged at it, and the shape waits
 until every request that started before the drain has finished), then the
 next level opens. Each user process reports when its pre-drain requests are
-done; at the end of the run, Locust's ``--stop-timeout`` (default: the
-request timeout) lets in-flight requests finish and be recorded.
+done; when the run stops, every user process lets its in-flight requests end
+and records them before Locust stops the users (``on_test_stopping``).
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ class Run:
     load: LoadState = field(default_factory=LoadState)
     epoch_began: dict[int, float] = field(default_factory=dict)  # epoch -> perf_counter in this process
     open_requests: Counter = field(default_factory=Counter)  # epoch -> pre-drain requests in flight here
+    in_flight: int = 0  # requests in flight in this process, any phase
+    stopping: bool = False  # the run is stopping: users start no new request
     records: list[RequestRecord] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
     windows: dict[int, float] = field(default_factory=dict)
@@ -106,6 +108,7 @@ class Run:
         rec.worker = self.worker_id
         if rec.phase != "drain":
             self.open_requests[rec.epoch] += 1
+        self.in_flight += 1
 
     def end(self, rec: RequestRecord) -> None:
         """The request ended (any way): note where its level ended, record it, report a finished drain."""
@@ -113,6 +116,7 @@ class Run:
             rec.level_end_s = max(0.0, self.epoch_began[rec.epoch + 1] - rec.start_mono)
         if rec.phase != "drain":
             self.open_requests[rec.epoch] -= 1
+        self.in_flight -= 1
         self.add(rec)
         self._report_drained()
 
@@ -320,8 +324,6 @@ def on_init(environment, **_kw) -> None:
         sys.exit(2)
     opts = environment.parsed_options
     run.configured_host = environment.host
-    if not opts.stop_timeout:  # let in-flight requests finish and be recorded when the run stops
-        environment.stop_timeout = opts.request_timeout + 5
     run.metrics = ClientMetrics(run.settings.slo)
     environment.events.spawning_complete.add_listener(lambda user_count, **kw: _steady(run))
     if run.is_master:
@@ -346,6 +348,7 @@ def _drained(run: Run, data: dict) -> None:
 
 def on_test_start(environment, **_kw) -> None:
     run = run_of(environment)
+    run.stopping = False
     if not run.is_master:  # only processes that run users check themselves
         run.selfcheck.start()
         run.selfcheck.reset()
@@ -406,7 +409,7 @@ def on_test_stop(environment, **_kw) -> None:
         # On a headless quit the master fires test_stop before telling workers to
         # stop; their final batches arrive afterwards, so judge once they are in.
         expected = run.senders | {c.id for c in environment.runner.clients.all}
-        run.finisher = gevent.spawn(_finish_when_complete, run, expected, environment.stop_timeout + FINAL_WAIT_S)
+        run.finisher = gevent.spawn(_finish_when_complete, run, expected, final_drain_s(environment) + FINAL_WAIT_S)
     else:
         finish(run)
 
@@ -448,7 +451,7 @@ def on_quitting(environment, **_kw) -> None:
     if run.is_worker or run.settings is None:
         return
     if run.finisher is not None:
-        run.finisher.join(timeout=environment.stop_timeout + FINAL_WAIT_S + 30)
+        run.finisher.join(timeout=final_drain_s(environment) + FINAL_WAIT_S + 30)
     if run.exit_code is not None:
         environment.process_exit_code = run.exit_code
 
@@ -464,10 +467,32 @@ def _live_rows(run: Run) -> list[dict]:
     return rows
 
 
+def final_drain_s(environment) -> float:
+    """Longest wait for the requests in flight when the run stops (a request ends by its timeout)."""
+    return environment.parsed_options.request_timeout + 5 + environment.stop_timeout
+
+
+def on_test_stopping(environment, **_kw) -> None:
+    """Before Locust stops the users: no new request, and the ones in flight end and are recorded.
+
+    Locust's own ``--stop-timeout`` would do the same per user, but a worker then sleeps that
+    long before it answers the master again (``--processes`` runs hung on it); here every
+    process drains once, bounded by :func:`final_drain_s`.
+    """
+    run = run_of(environment)
+    if run.is_master:
+        return
+    run.stopping = True
+    deadline = time.perf_counter() + final_drain_s(environment)
+    while run.in_flight > 0 and time.perf_counter() < deadline:
+        gevent.sleep(0.05)
+
+
 def register(events) -> None:
     """Attach every listener to Locust's event hooks."""
     events.init_command_line_parser.add_listener(on_parser)
     events.init.add_listener(on_init)
     events.test_start.add_listener(on_test_start)
+    events.test_stopping.add_listener(on_test_stopping)
     events.test_stop.add_listener(on_test_stop)
     events.quitting.add_listener(on_quitting)

@@ -64,7 +64,7 @@ class SLOShape(LoadTestShape):
         if self._step is None:
             self._open(run, 0, users)
         if run_time and self.get_run_time() >= run_time:
-            return None  # Locust's --stop-timeout lets in-flight requests end and be recorded
+            return None  # the stop drains in-flight requests and records them (_run.on_test_stopping)
         return users, rate
 
     def _levels(self, run: Run, spawn_rate: float, first: Callable[[Run], int],
@@ -72,7 +72,7 @@ class SLOShape(LoadTestShape):
         """Hold each level for its duration, drain it, then open the level ``following`` names.
 
         ``following(run, level, drained)`` is asked when the level's time is up (drained False;
-        None stops the run at once and the stop's --stop-timeout drains it) and again once the
+        None stops the run at once and the stop drains it) and again once the
         level is drained, its judgement final (None stops the run).
         """
         if self._step is None:

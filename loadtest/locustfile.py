@@ -16,6 +16,7 @@ import uuid
 
 import gevent
 from locust import FastHttpUser, events, task
+from locust.exception import StopUser
 
 from contract.record import RequestRecord
 from loadtest import _run
@@ -77,11 +78,13 @@ class ChatUser(FastHttpUser):
             max_tokens=planned.max_tokens, request_bytes=len(planned.body),
         )
         rec.schedule_lag_s = self._wait_for_slot()
+        if self.run.stopping:  # the run is draining (loadtest/_run.py on_test_stopping): send nothing new
+            raise StopUser()
         self.run.begin(rec)
         try:
             self._send(rec, planned.body)
-        except gevent.GreenletExit:  # the run stopped and --stop-timeout ran out: still recorded
-            rec.error = rec.error or "cancelled by the load generator at stop (--stop-timeout ran out)"
+        except gevent.GreenletExit:  # stopped although the drain gave up waiting for it: still recorded
+            rec.error = rec.error or "cancelled by the load generator at stop (outlived the stop drain)"
             raise
         finally:
             rec.duration_s = time.perf_counter() - rec.start_mono
