@@ -157,6 +157,8 @@ class Run:
         if state.epoch != self.load.epoch:
             self.epoch_began[state.epoch] = time.perf_counter()
         self.load = state
+        if self.server is not None:  # server scrapes are attributed to the level they were taken at
+            self.server.level = state.level
         self._report_drained()
 
     def pre_drain_open(self) -> int:
@@ -227,7 +229,7 @@ class Run:
         records = list(self.records)
         _verdict.assign(records, slo)
         levels = _verdict.level_table(records, slo, self.windows)
-        facts = self.server.facts() if self.server else _verdict.ServerFacts()
+        facts = self.server.facts(slo.concurrency_target) if self.server else _verdict.ServerFacts()
         kpis = _verdict.verdict(records, slo, levels, facts, end - self.t_start)
         acc = _verdict.accounting(records)
         first_users = self.settings.steps[0] if self.settings.steps else int(opts.num_users or 1)
@@ -381,7 +383,8 @@ def on_test_start(environment, **_kw) -> None:
     run.set_load(warmup=opts.warmup_s > 0, send_key=send_key)
     if opts.warmup_s > 0:
         gevent.spawn_later(opts.warmup_s, run.set_load, warmup=False)
-    run.server = ServerWatch(opts.server_metrics_url or None, run.settings.slo.service.gpus_per_replica)
+    run.server = ServerWatch(opts.server_metrics_url or None, run.settings.slo.service.gpus_per_replica,
+                             level=run.load.level)
     run.server.poll()
     run.poller = gevent.spawn(_poll, run)
 

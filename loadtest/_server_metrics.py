@@ -84,8 +84,9 @@ class ServerWatch:
     gpus_per_replica: int
     first: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
-    gpu_gb_max: float | None = None
-    cpu_max: float | None = None
+    level: int = 0  # the load's level while the next scrape is taken (set by the run)
+    gpu_gb_max: dict[int, float] = field(default_factory=dict)  # level -> max over its scrapes
+    cpu_max: dict[int, float] = field(default_factory=dict)
     llmslo_server: bool = False
     error: str | None = None
     scrapes: int = 0
@@ -114,13 +115,18 @@ class ServerWatch:
         if GPU_USED in data:
             gb = gpu_gb_per_copy(data[GPU_USED], self.gpus_per_replica)
             if gb is not None:
-                self.gpu_gb_max = gb if self.gpu_gb_max is None else max(self.gpu_gb_max, gb)
+                self.gpu_gb_max[self.level] = max(self.gpu_gb_max.get(self.level, gb), gb)
         if CPU in data:
             cpu = busiest_node_cpu(data[CPU])
-            self.cpu_max = cpu if self.cpu_max is None else max(self.cpu_max, cpu)
+            self.cpu_max[self.level] = max(self.cpu_max.get(self.level, cpu), cpu)
 
-    def facts(self) -> ServerFacts:
-        """Summarise for the verdict; unmeasured values stay None with the reason in ``note``."""
+    def facts(self, target: int) -> ServerFacts:
+        """Summarise for the verdict; unmeasured values stay None with the reason in ``note``.
+
+        Resource gauges (GPU memory, CPU) are judged at the levels up to the concurrency
+        ``target``, the load the SLO promises them for; higher levels (headroom) are named in
+        the note. OOMs and crashes count over the whole run.
+        """
         if not self.url:
             return ServerFacts()
         if self.scrapes == 0:
@@ -132,15 +138,28 @@ class ServerWatch:
             # an llmslo server creates a counter series at its first event: none yet = 0
             return 0.0 if self.llmslo_server else None
 
+        gpu, gpu_note = _judged_max(self.gpu_gb_max, target, "GB")
+        cpu, cpu_note = _judged_max(self.cpu_max, target, "%")
         facts = ServerFacts(
             oom_events=delta(OOM),
             replica_crashes=delta(CRASHES),
-            gpu_memory_gb_per_copy=self.gpu_gb_max,
-            cpu_percent_max=self.cpu_max,
+            gpu_memory_gb_per_copy=gpu,
+            cpu_percent_max=cpu,
             note="",
+            notes={k: v for k, v in (("gpu_memory_gb_per_copy", gpu_note), ("cpu_percent_max", cpu_note)) if v},
         )
         for attr, role in (("oom_events", OOM), ("replica_crashes", CRASHES),
                            ("gpu_memory_gb_per_copy", GPU_USED), ("cpu_percent_max", CPU)):
             if getattr(facts, attr) is None:
                 facts.notes[attr] = f"{EXPORTED[role]} not exported by the server"
         return facts
+
+
+def _judged_max(by_level: dict[int, float], target: int, unit: str) -> tuple[float | None, str]:
+    """Max over scrapes at levels <= target (all scrapes when none were), and a note naming headroom maxima."""
+    judged = {lvl: v for lvl, v in by_level.items() if lvl <= target} or by_level
+    if not judged:
+        return None, ""
+    above = ", ".join(f"{v:.4g} {unit} at {lvl} streams" for lvl, v in sorted(by_level.items()) if lvl not in judged)
+    scope = f"max over scrapes at levels <= {target}" if judged is not by_level else "max over scrapes"
+    return max(judged.values()), scope + (f" (headroom, not judged: {above})" if above else "")

@@ -435,7 +435,7 @@ def _rate(count: float | None, period: float, note: str, passes: Callable[[float
 def _gauge(value: float | None, note: str, passes: Callable[[float], bool]) -> dict:
     if value is None:
         return {"value": None, "status": None, "note": note}
-    return {"value": value, "status": "PASS" if passes(value) else "FAIL", "note": "max over server scrapes"}
+    return {"value": value, "status": "PASS" if passes(value) else "FAIL", "note": note or "max over server scrapes"}
 
 
 def overall(kpis: dict[str, dict]) -> str:

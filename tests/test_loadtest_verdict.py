@@ -76,11 +76,17 @@ def test_server_metrics_are_parsed_by_logical_name():
     data = parse(EXPOSITION)
     assert sum(v for _, v in data[OOM]) == 2 and data[CPU][0][1] == 35.0
     assert gpu_gb_per_copy(data[GPU_USED], 2) == pytest.approx(42.0)
-    watch = ServerWatch("http://127.0.0.1:1/metrics", 2)
+    watch = ServerWatch("http://127.0.0.1:1/metrics", 2, level=8)
     watch.poll()
-    assert watch.facts().oom_events is None and "unreachable" in watch.facts().note
+    assert watch.facts(8).oom_events is None and "unreachable" in watch.facts(8).note
     watch.observe(data)
-    assert watch.facts().cpu_percent_max == pytest.approx(75.0)  # the node's serving processes together
+    assert watch.facts(8).cpu_percent_max == pytest.approx(75.0)  # the node's serving processes together
+    # at twice the target (headroom) a busier server is reported, not judged; its OOMs still count
+    watch.level = 16
+    watch.observe(parse(EXPOSITION.replace(" 40.0\n", " 60.0\n").replace("} 2.0\n", "} 3.0\n")))
+    facts = watch.facts(8)
+    assert facts.cpu_percent_max == pytest.approx(75.0) and "95 % at 16 streams" in facts.why("cpu_percent_max")
+    assert facts.oom_events == 1
 
 
 def test_passing_run_exits_zero_and_failing_run_non_zero(tmp_path):

@@ -120,7 +120,7 @@ def test_federated_scrape_judges_cpu_per_node() -> None:
             'ray_llmslo_process_cpu_percent{component="replica",instance="b:2"} 50\n')
     watch = ServerWatch("http://prometheus/federate", gpus_per_replica=0)
     watch.observe(parse(text))
-    assert watch.cpu_max == 80.0, "the busiest node (a: 60 + 20), not all nodes added up (130)"
+    assert watch.facts(8).cpu_percent_max == 80.0, "the busiest node (a: 60 + 20), not all nodes added up (130)"
 
 
 @pytest.mark.timeout(START_TIMEOUT_S + 300)
