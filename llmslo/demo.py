@@ -300,6 +300,7 @@ def save_server_metrics(report_dir: Path, prometheus: str | None, metrics_url: s
 
 def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
     """Print the final KPI table from summary.json; the exit code is the load test's."""
+    from loadtest._hops import lines as hop_lines
     from loadtest._report import kpi_rows, level_rows
 
     summary_file = report_dir / "summary.json"
@@ -315,6 +316,8 @@ def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
     cold = summary["cold_start"]
     ttft = "n/a" if cold["ttft_max_s"] is None else f"{cold['ttft_max_s'] * 1000:.0f} ms"
     console.print(f"cold start: first {cold['requests']} requests, TTFT max {ttft}, {cold['failed']} failed")
+    for line in hop_lines(summary.get("ttft_hops") or {}):
+        console.print(line)
     if not summary["validity"]["valid"]:
         console.print(f"[yellow]run invalid: {'; '.join(summary['validity']['reasons'])}[/]")
     console.print(f"report: {report_dir}  (report.html, summary.json, requests.jsonl, server_metrics.json)")

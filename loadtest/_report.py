@@ -278,6 +278,7 @@ Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests,
 <h2>KPIs</h2>{_table(kpi_rows(summary['kpis']))}
 <p>Accounting: {html.escape(summary['accounting_line'])}.</p>
 <p>Cold start: first {summary['cold_start']['requests']} requests, TTFT max {fmt(summary['cold_start']['ttft_max_s'], 's')}.</p>
+<p>{'<br>'.join(html.escape(line) for line in _hops.lines(summary.get('ttft_hops') or {}))}</p>
 <h2>Concurrency levels</h2><p>Each level judged on its own: value [95 % bounds] samples status.</p>
 {f"<p>Capacity search: {html.escape(capacity_line(summary['capacity_search']))}.</p>" if summary.get('capacity_search') else ''}
 {_table(level_rows(summary['levels'], summary['kpis']))}
