@@ -21,6 +21,7 @@ REQUESTS = "ray_llmslo_requests_total"
 IN_FLIGHT = "ray_llmslo_requests_in_flight"
 QUEUE_WAIT = "ray_llmslo_queue_wait_seconds"
 TTFT = "ray_llmslo_ttft_seconds"
+TTFT_BUDGET = "ray_llmslo_ttft_budget_total"   # outcome met|missed: first token within the request's budget
 TTFT_HOP = "ray_llmslo_ttft_hop_seconds"
 TTFT_HOPS = ("routing", "queue", "prefill", "relay")  # the hop label's values, in path order
 ITL = "ray_llmslo_itl_seconds"
@@ -32,6 +33,7 @@ REASONING_TOKENS = "ray_llmslo_reasoning_tokens_total"
 MULTIMODAL_INPUTS = "ray_llmslo_multimodal_inputs_total"
 OOM_EVENTS = "ray_llmslo_oom_events_total"
 REPLICA_STARTS = "ray_llmslo_replica_starts_total"
+REPLICA_STARTUP = "ray_llmslo_replica_startup_seconds"
 REPLICA_CRASHES = "ray_llmslo_replica_crashes_total"
 BUILD_INFO = "ray_llmslo_build_info"
 KV_CACHE_USAGE = "ray_llmslo_kv_cache_usage_ratio"
@@ -54,6 +56,7 @@ GPU_ENERGY = "ray_llmslo_gpu_energy_joules_total"
 NVML_AVAILABLE = "ray_llmslo_nvml_available"
 PROCESS_CPU = "ray_llmslo_process_cpu_percent"
 REPLICA_CAPACITY = "ray_llmslo_replica_max_ongoing_requests"
+DEPLOYMENT_MAX_REPLICAS = "ray_llmslo_deployment_max_replicas"
 MODEL_COMPONENT = "replica"   # component label of model replicas (the ingress is "ingress"), serve/model.py
 
 # --- Ray Serve's built-in metrics (Ray 2.60, checked against a real /metrics page)

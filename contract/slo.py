@@ -90,7 +90,10 @@ class KPI(_Strict):
 class ErrorBudgetSLO(_Strict):
     title: str
     objective: float = Field(gt=0, lt=1)
+    # a latency SLO: a request is good when its latency stays below either one fixed threshold
+    # or, with budget_kpi, that KPI's per-request budget (class target + prompt allowance)
     threshold_s: float | None = None
+    budget_kpi: str | None = None
     period: str = "30d"   # error-budget window of the "budget left" figure
 
     @property
@@ -112,6 +115,22 @@ class SLOConfig(_Strict):
     slos: dict[str, ErrorBudgetSLO]
     burn_rate_windows: list[BurnWindow]
     streaming: Streaming = Field(default_factory=Streaming)
+
+    @model_validator(mode="after")
+    def _budget_kpis_exist(self) -> "SLOConfig":
+        for key, slo in self.slos.items():
+            kpi = self.kpis.get(slo.budget_kpi) if slo.budget_kpi else None
+            if slo.budget_kpi and (kpi is None or kpi.unit != "s"):
+                raise ValueError(f"slos.{key}.budget_kpi must name a latency KPI (unit s)")
+        return self
+
+    def request_budget_s(self, slo_key: str, classes: tuple[str, ...], prompt_tokens: int | None) -> float | None:
+        """Latency SLO ``slo_key``'s budget for one request; the largest over ``classes`` (a request may
+        carry an image and audio). None for an SLO with no latency threshold."""
+        slo = self.slos[slo_key]
+        if slo.budget_kpi is None:
+            return slo.threshold_s
+        return max(self.target_for(slo.budget_kpi, cls, prompt_tokens) for cls in classes)
 
     @property
     def concurrency_target(self) -> int:

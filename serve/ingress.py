@@ -31,6 +31,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from contract.slo import load_slo
 from serve.access import RateLimited, RateLimiter, check_bearer, read_body
 from serve.engines.base import Delta, EngineUnavailableError, Finish
 from serve.errors import APIError, ErrorResponse, invalid, server_error
@@ -38,7 +39,7 @@ from serve.faults import FaultSpec, FaultState
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
 from serve.model import ReplicaHello, ReplicaTiming, StreamError
-from serve.observe import RequestRecord
+from serve.observe import MODALITY_CLASSES, RequestRecord
 from serve.openai_format import DONE, ChunkWriter, completion, delta_fields
 from serve.schema import ChatCompletionRequest, Prepared, parse_body, prepare, validation_error
 from serve.settings import AppSettings
@@ -143,6 +144,7 @@ class Ingress:
         self.handle = model
         self.stream_handle = model.options(stream=True)
         self.metrics = ServerMetrics(self.model_name)
+        self.slo = load_slo(self.settings.slo_path)
         self.faults = FaultState()
         self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_burst)
         self.dead_replicas: set[str] = set()
@@ -184,6 +186,7 @@ class Ingress:
             return error_response(err)
         rec.stream, rec.modality = prepared.stream, prepared.modality
         rec.prompt_tokens = prepared.generation.prompt_tokens
+        rec.ttft_budget_s = self.slo.request_budget_s("ttft", MODALITY_CLASSES[rec.modality], rec.prompt_tokens)
         for kind, count in (("image", prepared.images), ("audio", prepared.audios)):
             if count:
                 self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})

@@ -26,6 +26,12 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   the ingress from the model replica (it is written to the client right away);
   modality is text | image | audio | image_audio. Only requests that produced a
   token are observed (also for ITL, TPOT and e2e).
+- ``ray_llmslo_ttft_budget_total{model,outcome=met|missed}``: the same
+  requests, counted by whether their TTFT stayed below their own budget from
+  slo.yaml (the ``ttft`` SLO's ``budget_kpi``: 600 ms at <= 512 prompt tokens
+  plus the prompt allowance, a class target where one is set); exact per
+  request, unlike a histogram bucket. The TTFT SLO's burn-rate alerts and
+  TTFTP95High are computed from it.
 - ``ray_llmslo_ttft_hop_seconds{model,hop}``: the server's share of each
   request's TTFT split by hop, from the per-hop timing (contract/timing.py):
   ``routing`` ingress received -> model replica started (validation, media
@@ -47,6 +53,11 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   EngineOOMError a replica sees (injected OOMs count as ``simulated``).
 - ``ray_llmslo_replica_starts_total{model}``: 1 from each model replica process
   when it becomes ready (a new process starts a new series).
+- ``ray_llmslo_replica_startup_seconds{model}``: per model replica, its
+  constructor entered -> its engine ready (weights loaded, warm-up replayed):
+  the part of a scale-up's cold start spent inside the new replica. Set once.
+  Serve's placement and the worker process start come before it (the
+  autoscaling drill measures the whole: scale decision -> first token).
 - ``ray_llmslo_replica_crashes_total{model}``: model replicas the ingress saw
   die (a request failed with ActorDiedError/ActorUnavailableError, or the kill
   drill), counted once per replica.
@@ -63,9 +74,9 @@ from __future__ import annotations
 from ray.serve import metrics as ray_metrics
 
 from contract.names import (  # noqa: F401 (the names are this module's documented vocabulary)
-    REQUESTS, IN_FLIGHT, QUEUE_WAIT, TTFT, TTFT_HOP, TTFT_HOPS, ITL,
+    REQUESTS, IN_FLIGHT, QUEUE_WAIT, TTFT, TTFT_BUDGET, TTFT_HOP, TTFT_HOPS, ITL,
     TPOT, E2E, PROMPT_TOKENS, COMPLETION_TOKENS, REASONING_TOKENS,
-    MULTIMODAL_INPUTS, OOM_EVENTS, REPLICA_STARTS, REPLICA_CRASHES, BUILD_INFO,
+    MULTIMODAL_INPUTS, OOM_EVENTS, REPLICA_STARTS, REPLICA_STARTUP, REPLICA_CRASHES, BUILD_INFO,
     KV_CACHE_USAGE, TTFT_BUCKETS, TOKEN_BUCKETS, E2E_BUCKETS, HOP_BUCKETS, QUEUE_BUCKETS,
     logical,
 )
@@ -91,6 +102,8 @@ class ServerMetrics:
         self.in_flight = gauge(IN_FLIGHT, "Requests inside a model replica")
         self.queue_wait = histogram(QUEUE_WAIT, "Wait for an engine slot (s)", QUEUE_BUCKETS)
         self.ttft = histogram(TTFT, "Time to first token (s)", TTFT_BUCKETS, ("model", "modality"))
+        self.ttft_budget = counter(TTFT_BUDGET, "Requests with a first token, by TTFT budget met or missed",
+                                   ("model", "outcome"))
         self.ttft_hop = histogram(TTFT_HOP, "TTFT split by hop (s)", HOP_BUCKETS, ("model", "hop"))
         self.itl = histogram(ITL, "Inter-token latency (s)", TOKEN_BUCKETS)
         self.tpot = histogram(TPOT, "Time per output token after the first (s)", TOKEN_BUCKETS)
@@ -101,6 +114,7 @@ class ServerMetrics:
         self.multimodal = counter(MULTIMODAL_INPUTS, "Image and audio inputs", ("model", "kind"))
         self.oom = counter(OOM_EVENTS, "Out-of-memory events", ("model", "source"))
         self.replica_starts = counter(REPLICA_STARTS, "Model replica process starts")
+        self.replica_startup = gauge(REPLICA_STARTUP, "Model replica constructor -> engine ready (s)")
         self.replica_crashes = counter(REPLICA_CRASHES, "Model replicas seen dying")
         self.build_info = gauge(BUILD_INFO, "Build information (always 1)", ("version", "engine", "model", "weights"))
         self.kv_cache = gauge(KV_CACHE_USAGE, "KV-cache blocks in use (0..1)")

@@ -91,6 +91,7 @@ class ModelServer:
     """One model replica (see module doc); its methods are called through handles."""
 
     async def __init__(self, settings: dict[str, Any]) -> None:
+        constructed = time.monotonic()
         configure_logging()
         self.settings = AppSettings.model_validate(settings)
         self.model = self.settings.served_model
@@ -108,12 +109,14 @@ class ModelServer:
             "model": self.model,
             "weights": weights,
         }
-        self._publish_gauges()
         self.metrics.replica_starts.inc(1, self.metrics.tags)
+        self.startup_s = time.monotonic() - constructed
+        self._publish_gauges()
         start_telemetry(self.model, "replica")
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_gauges())
         log.info("replica_started", replica=self.replica_id, model=self.model, engine=self.engine.name,
-                 pid=os.getpid(), gpus=[str(g) for g in ray.get_gpu_ids()])
+                 pid=os.getpid(), gpus=[str(g) for g in ray.get_gpu_ids()],
+                 startup_s=round(self.startup_s, 3))
 
     async def generate(
         self, request: GenerationRequest, directive: Directive, sent_at: float
@@ -197,6 +200,7 @@ class ModelServer:
         self.metrics.in_flight.set(self._in_flight, self.metrics.tags)
         self.metrics.kv_cache.set(self.engine.stats().kv_cache_usage, self.metrics.tags)
         self.metrics.build_info.set(1, self._build_tags)
+        self.metrics.replica_startup.set(self.startup_s, self.metrics.tags)
 
     async def _refresh_gauges(self) -> None:
         while True:

@@ -19,6 +19,10 @@ from serve.metrics import ServerMetrics
 
 log = structlog.get_logger("llmslo.request")
 
+# slo.yaml's per-class targets are keyed by the load test's traffic classes; a request with an
+# image and audio gets the larger of the two budgets.
+MODALITY_CLASSES = {"text": ("text",), "image": ("image",), "audio": ("audio",), "image_audio": ("image", "audio")}
+
 
 def status_class(code: int) -> str:
     """Label of ``ray_llmslo_requests_total``'s status for an HTTP code (499 = client left)."""
@@ -49,6 +53,7 @@ class RequestRecord:
     reasoning_tokens: int = 0
     streamed_tokens: int = 0
     finish_reason: str | None = None
+    ttft_budget_s: float | None = None  # slo.yaml's TTFT budget for this request (set once it is parsed)
     closed: bool = False
 
     def on_item(self, item: Delta | Finish) -> None:
@@ -115,6 +120,8 @@ class RequestRecord:
         ttft = None if self.first_token is None else self.first_token - self.started
         if ttft is not None:
             m.ttft.observe(ttft, {**tags, "modality": self.modality})
+            if self.ttft_budget_s is not None:
+                m.ttft_budget.inc(1, {**tags, "outcome": "met" if ttft < self.ttft_budget_s else "missed"})
             self._observe_hops()
             m.e2e.observe((self.last_token or end) - self.started, tags)
             if self.completion_tokens > 1 and self.last_token is not None:

@@ -29,6 +29,10 @@ Exported names (logical, before Ray's prefix), BRIEF contract 2:
 - ``llmslo_replica_max_ongoing_requests{model,component}``: inside a Serve
   replica, the deployment's ``max_ongoing_requests``; summed over live replicas
   it is the serving capacity the "≥ 8 concurrent requests" alert watches.
+- ``llmslo_deployment_max_replicas{model,component}``: inside a Serve replica,
+  the most replicas its deployment may run (autoscaling ``max_replicas``, or
+  ``num_replicas`` when it does not autoscale); ScaleOutExhausted fires when the
+  healthy model replicas reach it while an SLO burns.
 
 No driver or no GPU means no GPU series at all (never zeros that look like an
 idle GPU) and ``llmslo_nvml_available 0``. A field the GPU does not support
@@ -53,7 +57,7 @@ import pynvml
 
 from contract.names import (
     GPU_ENERGY, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_POWER_LIMIT, GPU_TEMPERATURE,
-    GPU_UTILIZATION, NVML_AVAILABLE, PROCESS_CPU, REPLICA_CAPACITY, logical,
+    GPU_UTILIZATION, NVML_AVAILABLE, PROCESS_CPU, REPLICA_CAPACITY, DEPLOYMENT_MAX_REPLICAS, logical,
 )
 
 log = logging.getLogger(__name__)
@@ -312,16 +316,20 @@ class NodeCpu:
         return self._reader.read()
 
 
-def serve_replica_capacity() -> int | None:
-    """``max_ongoing_requests`` of the Serve replica this process runs, None outside Serve.
+def serve_replica_limits() -> tuple[int | None, int | None]:
+    """(``max_ongoing_requests``, max replicas) of the Serve deployment this process runs; Nones outside Serve.
 
-    Ray exports no metric for it, so the replica reports its own.
+    Ray exports neither as a metric, so the replica reports its own. The max replicas is the
+    autoscaling ceiling, or ``num_replicas`` of a fixed deployment (one that cannot scale at all):
+    the ScaleOutExhausted alert compares healthy replicas with it.
     """
     from ray.serve import context
 
     replica = context._get_internal_replica_context()
     config = getattr(replica, "_deployment_config", None)
-    return getattr(config, "max_ongoing_requests", None)
+    autoscaling = getattr(config, "autoscaling_config", None)
+    ceiling = getattr(autoscaling, "max_replicas", None) if autoscaling else getattr(config, "num_replicas", None)
+    return getattr(config, "max_ongoing_requests", None), ceiling
 
 
 class RayPublisher:
@@ -350,8 +358,10 @@ class RayPublisher:
                                                    "share of all logical CPUs, percent")
         self._capacity = Gauge(logical(REPLICA_CAPACITY), description="max_ongoing_requests of this Serve replica",
                                tag_keys=PROCESS_TAGS)
+        self._ceiling = Gauge(logical(DEPLOYMENT_MAX_REPLICAS), tag_keys=PROCESS_TAGS,
+                              description="most replicas this Serve deployment may run (autoscaling max_replicas)")
         self._process_tags = {"model": model, "component": component}
-        self._max_ongoing = serve_replica_capacity()
+        self._max_ongoing, self._max_replicas = serve_replica_limits()
 
     def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu: dict[str, float] | None) -> None:
         self._nvml.set(1.0 if nvml_available else 0.0, tags=dict(self._process_tags))
@@ -359,6 +369,8 @@ class RayPublisher:
             self._cpu.set(percent, tags={"model": self._model, "component": role})
         if self._max_ongoing is not None:
             self._capacity.set(float(self._max_ongoing), tags=dict(self._process_tags))
+        if self._max_replicas is not None:
+            self._ceiling.set(float(self._max_replicas), tags=dict(self._process_tags))
         for gpu in gpus:
             tags = {"gpu": str(gpu.index), "uuid": gpu.uuid, "model": self._model}
             values = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from llmslo.generate import dashboards
@@ -24,12 +25,16 @@ def _red_from(panel: dict) -> float:
 def test_overview_thresholds_follow_slo_yaml(tmp_path: Path) -> None:
     raw = yaml.safe_load((ROOT / "slo.yaml").read_text())
     raw["kpis"]["ttft_p95"]["target"] = 0.45
+    raw["kpis"]["ttft_p95"]["stat"] = "p90"
     raw["kpis"]["cpu_percent"]["target"] = 55
     changed = tmp_path / "slo.yaml"
     changed.write_text(yaml.safe_dump(raw))
     for cfg in (load_slo(), load_slo(changed)):
         board = dashboards.build(cfg)
-        assert _red_from(_panel(board, "TTFT p95 (5m)")) == cfg.kpis["ttft_p95"].target
+        over_budget = _panel(board, "TTFT over budget (5m)")
+        assert _red_from(over_budget) == pytest.approx(1 - float(cfg.kpis["ttft_p95"].stat[1:]) / 100)
+        assert f"{cfg.kpis['ttft_p95'].target * 1000:g} ms" in over_budget["description"]
+        assert _red_from(_panel(board, "TTFT percentiles")) == cfg.kpis["ttft_p95"].target
         assert _red_from(_panel(board, "Server CPU")) == cfg.kpis["cpu_percent"].target
         assert _red_from(_panel(board, "GPU memory per model copy")) == cfg.kpis["gpu_memory_gb"].target * 1e9
         steps = _panel(board, "Serving capacity")["fieldConfig"]["defaults"]["thresholds"]["steps"]

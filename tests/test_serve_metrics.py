@@ -106,7 +106,8 @@ def test_exported_names_and_kpi_buckets(serve_app):
             timeout=30,
         )
     names = [M.REQUESTS, M.IN_FLIGHT, M.PROMPT_TOKENS, M.COMPLETION_TOKENS, M.BUILD_INFO, M.KV_CACHE_USAGE,
-             M.REPLICA_STARTS, M.TTFT_HOP + "_count"]
+             M.REPLICA_STARTS, M.TTFT_HOP + "_count", M.TTFT_BUDGET, M.REPLICA_STARTUP,
+             names.DEPLOYMENT_MAX_REPLICAS]
     histograms = [M.TTFT, M.ITL, M.TPOT, M.E2E, M.QUEUE_WAIT, M.TTFT_HOP]
 
     def all_present():
@@ -125,6 +126,11 @@ def test_exported_names_and_kpi_buckets(serve_app):
     assert {lab["status"] for lab, _ in samples[M.REQUESTS]} >= {"ok"}
     assert all(lab["model"] == serve_app.model for lab, _ in samples[M.TTFT + "_count"])
     assert {lab["hop"] for lab, _ in samples[M.TTFT_HOP + "_count"]} == set(M.TTFT_HOPS)
+    assert {lab["outcome"] for lab, _ in samples[M.TTFT_BUDGET]} <= {"met", "missed"}
+    assert all(0 < v < 300 for _, v in samples[M.REPLICA_STARTUP])
+    # a fixed deployment of 2 replicas cannot scale: its ceiling is 2 (ScaleOutExhausted compares with it)
+    assert {v for lab, v in samples[names.DEPLOYMENT_MAX_REPLICAS] if lab["component"] == names.MODEL_COMPONENT} \
+        == {serve_app.replicas}
 
 
 def test_server_cpu_covers_the_whole_serving_tree_once(serve_app):

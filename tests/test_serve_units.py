@@ -247,3 +247,42 @@ def test_config_env_vars_become_defaults_of_the_servers_environment():
     fresh: dict[str, str] = {}
     export_env_vars(entry, fresh)
     assert fresh["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+class _Counted:
+    """Stands in for one Ray metric object: records what the request record reports to it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, dict]] = []
+
+    def inc(self, value: float, tags: dict) -> None:
+        self.calls.append((value, tags))
+
+    observe = set = inc
+
+
+class _Metrics:
+    model = "m"
+    tags = {"model": "m"}
+
+    def __getattr__(self, name: str) -> _Counted:
+        counted = _Counted()
+        setattr(self, name, counted)
+        return counted
+
+
+@pytest.mark.parametrize("modality, prompt_tokens, ttft_s, outcome", [
+    ("text", 512, 0.59, "met"),
+    ("text", 512, 0.61, "missed"),
+    ("image", 1545, 0.9, "met"),          # 600 + 1,033 x 0.625 = 1,246 ms: the image's own budget
+    ("image", 1545, 1.25, "missed"),
+    ("image_audio", 512, 0.6, "missed"),  # the budget is a strict "<", as the KPI's op
+])
+def test_the_server_counts_each_first_token_against_its_own_slo_budget(modality, prompt_tokens, ttft_s, outcome):
+    from serve.observe import MODALITY_CLASSES, RequestRecord
+
+    rec = RequestRecord(_Metrics(), "r1", stream=True, modality=modality, prompt_tokens=prompt_tokens)
+    rec.ttft_budget_s = load_slo().request_budget_s("ttft", MODALITY_CLASSES[modality], prompt_tokens)
+    rec.first_token = rec.last_token = rec.started + ttft_s
+    rec.close(200)
+    assert rec.metrics.ttft_budget.calls == [(1, {"model": "m", "outcome": outcome})]
