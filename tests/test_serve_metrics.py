@@ -105,17 +105,17 @@ def test_exported_names_and_kpi_buckets(serve_app):
                   "stream": stream},
             timeout=30,
         )
-    names = [M.REQUESTS, M.IN_FLIGHT, M.PROMPT_TOKENS, M.COMPLETION_TOKENS, M.BUILD_INFO, M.KV_CACHE_USAGE,
+    wanted = [M.REQUESTS, M.IN_FLIGHT, M.PROMPT_TOKENS, M.COMPLETION_TOKENS, M.BUILD_INFO, M.KV_CACHE_USAGE,
              M.REPLICA_STARTS, M.TTFT_HOP + "_count", M.TTFT_BUDGET, M.REPLICA_STARTUP,
              names.DEPLOYMENT_MAX_REPLICAS]
     histograms = [M.TTFT, M.ITL, M.TPOT, M.E2E, M.QUEUE_WAIT, M.TTFT_HOP]
 
     def all_present():
         s = scrape(serve_app)
-        return s if all(n in s for n in names) else None
+        return s if all(n in s for n in wanted) else None
 
     samples = wait_for(all_present)
-    assert samples, f"missing: {[n for n in names if n not in scrape(serve_app)]}"
+    assert samples, f"missing: {[n for n in wanted if n not in scrape(serve_app)]}"
     for h in histograms:
         for suffix in ("_bucket", "_sum", "_count"):
             assert h + suffix in samples, h + suffix

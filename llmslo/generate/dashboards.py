@@ -86,7 +86,8 @@ def _overview(cfg: SLOConfig) -> list:
                 f" and on (replica) ({n.SERVE_REPLICA_HEALTHY} == 1))")
     return [
         _stat("TTFT over budget (5m)",
-              f'sum(rate({n.TTFT_BUDGET}{{{M},outcome="missed"}}[5m])) / sum(rate({n.TTFT_BUDGET}{{{M}}}[5m]))',
+              f'(sum(rate({n.TTFT_BUDGET}{{{M},outcome="missed"}}[5m])) or 0 * sum(rate({n.TTFT_BUDGET}{{{M}}}[5m])))'
+              f" / sum(rate({n.TTFT_BUDGET}{{{M}}}[5m]))",
               "percentunit", round(1 - q_ttft, 12), True,
               f"{ttft.title}: share of requests whose first token missed its own budget "
               f"({num(ttft.target * 1000)} ms at <= {cfg.benchmark.input_tokens} prompt tokens + the prompt "
