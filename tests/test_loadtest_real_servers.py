@@ -40,7 +40,7 @@ def transformers_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tup
     cfg = synthetic_glm.build_config("tiny")
     tokenizer = synthetic_glm.build_tokenizer(cfg)
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
-    synthetic_glm.build_model(cfg, [torch.device("cpu")], torch.float32).save_pretrained(folder)
+    synthetic_glm.build_model(cfg, torch.device("cpu"), torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     port, log_path = free_port(), folder / "serve.log"
     cmd = [binary, "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
