@@ -62,6 +62,7 @@ class RequestRecord:
     content_deltas: int = 0
     reasoning_deltas: int = 0
     token_discrepancy: int | None = None
+    connection_retries: int = 0  # resent once: the server closed a kept-alive connection before answering
     request_bytes: int = 0
     response_bytes: int = 0
     judgement: Judgement = ""  # set by the verdict on the master

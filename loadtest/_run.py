@@ -251,6 +251,7 @@ class Run:
                 "usage_vs_delta_discrepancies": sum(1 for r in records if r.ok and r.token_discrepancy),
                 "tokens_from_deltas": sum(1 for r in records if r.ok and r.tokens_source == "deltas"),
                 "shorter_than_max_tokens": sum(1 for r in records if r.ok and (r.output_tokens or 0) < r.max_tokens),
+                "connection_retries": sum(r.connection_retries for r in records),
             },
             "errors": dict(Counter(r.error for r in records if not r.ok).most_common()),
             "notes": list(self.notes),

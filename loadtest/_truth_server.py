@@ -13,8 +13,10 @@ error event after a few tokens), malformed (a non-JSON data line), stall
 to a request that would be the (N+1)-th concurrent stream (a server that fails
 only under load); ``--strict`` answers 422 to a request field that OpenAI's
 Chat Completions API does not define, as ``transformers serve`` does (a server
-that takes no extensions). Every chat request is logged, rejected ones with
-their status.
+that takes no extensions); ``--drop-kept-alive N`` closes the connection without
+answering every N-th chat request that arrives on a reused (kept-alive)
+connection, as llama.cpp's server sometimes does. Every chat request is logged,
+rejected ones with their status (dropped ones: ``"dropped"``).
 
 Run: ``python -m loadtest._truth_server --port 8123 --ttft 0.1 --itl 0.02``.
 """
@@ -49,17 +51,19 @@ class TruthServer:
         self.args = args
         self.log: dict[str, dict] = {}
         self.active = 0  # streams in progress, for --ttft-per-stream
+        self.reused = 0  # chat requests that came on a kept-alive connection, for --drop-kept-alive
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while await self._one_request(reader, writer):
-                pass
+            served = 0
+            while await self._one_request(reader, writer, served):
+                served += 1
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
-    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _one_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, served: int) -> bool:
         head = await reader.readuntil(b"\r\n\r\n")
         recv = time.monotonic()
         lines = head.decode("latin-1").split("\r\n")
@@ -76,6 +80,12 @@ class TruthServer:
             await self._send(writer, 404, "application/json", _error("not found", "not_found"))
             return True
         entry = {"recv": recv, "emits": [], "authorization": headers.get("authorization", "")}
+        if served and self.args.drop_kept_alive:
+            self.reused += 1
+            if self.reused % self.args.drop_kept_alive == 0:  # close without a byte of answer
+                entry["status"] = "dropped"
+                self.log[headers.get("x-request-id", "") + f"#dropped{self.reused}"] = entry
+                return False
         return await self._stream(writer, json.loads(body), entry, headers.get("x-request-id", ""))
 
     async def _send(self, writer, code: int, ctype: str, payload: bytes) -> None:
@@ -175,6 +185,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=MODES, default="ok")
     p.add_argument("--max-streams", type=int, default=0, help="answer 503 beyond this many concurrent streams (0: no limit)")
     p.add_argument("--strict", action="store_true", help="answer 422 to request fields OpenAI does not define")
+    p.add_argument("--drop-kept-alive", type=int, default=0,
+                   help="close, unanswered, every N-th request that came on a reused connection (0: never)")
     p.add_argument("--cpu", type=int, default=-1, help="pin the server to this CPU core")
     return p.parse_args(argv)
 

@@ -15,6 +15,7 @@ import time
 import uuid
 
 import gevent
+from geventhttpclient.response import HTTPConnectionClosed
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
 
@@ -117,20 +118,26 @@ class ChatUser(FastHttpUser):
         rec.start_wall = time.time()
         t0 = rec.start_mono = time.perf_counter()
         with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):
-            with self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
-                                  name=f"chat [{rec.cls}]") as resp:
-                try:
-                    self._read(resp, rec, t0, opts.stall_timeout, self.run.selfcheck)
-                except StreamError as exc:
-                    rec.error = str(exc)
-                except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, parse error
-                    rec.error = _describe_error(exc, opts.stall_timeout)
-                resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
-                resp.request_meta["response_length"] = rec.response_bytes
-                if rec.ok:
-                    resp.success()
-                else:
-                    resp.failure(rec.error)
+            while True:
+                with self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
+                                      name=f"chat [{rec.cls}]") as resp:
+                    if not rec.connection_retries and _closed_before_answer(resp):
+                        rec.connection_retries += 1  # t0 stays: the lost attempt's time is the user's too
+                        resp.failure(f"{STALE}; resent once")
+                        continue
+                    try:
+                        self._read(resp, rec, t0, opts.stall_timeout, self.run.selfcheck)
+                    except StreamError as exc:
+                        rec.error = str(exc)
+                    except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, parse error
+                        rec.error = _describe_error(exc, opts.stall_timeout)
+                    resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
+                    resp.request_meta["response_length"] = rec.response_bytes
+                    if rec.ok:
+                        resp.success()
+                    else:
+                        resp.failure(rec.error)
+                break
         if rec.ok:
             self._fire_slo_events(rec)
 
@@ -157,6 +164,21 @@ class ChatUser(FastHttpUser):
             if value is not None:
                 fire(request_type="SLO", name=f"{label} [{rec.cls}]", response_time=value * 1000,
                      response_length=rec.output_tokens or 0, exception=None, context={})
+
+
+STALE = "the server closed a kept-alive connection without answering"
+
+
+def _closed_before_answer(resp) -> bool:
+    """The server closed the (reused) connection before any byte of its answer.
+
+    Servers may close an idle persistent connection at any time (RFC 9112 9.6); llama.cpp's server
+    does so after some streamed replies without ``Connection: close``, and the next request sent
+    on it gets no answer. geventhttpclient, rightly, never resends a POST on its own. The OpenAI SDK
+    resends such requests (``max_retries`` 2), so the load test resends once, on a new connection,
+    and counts it (``connection_retries``); a second such close is a failure.
+    """
+    return isinstance(getattr(resp, "error", None), HTTPConnectionClosed) and not resp.status_code
 
 
 def _error_message(resp) -> str:

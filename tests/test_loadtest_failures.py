@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import subprocess
 import sys
 
@@ -55,6 +57,22 @@ def test_plain_openai_requests_pass_a_strict_server_by_default(tmp_path):
     assert s["config"]["request_fields"]["dialect"] == "openai"
     assert "max_tokens only" in s["config"]["request_fields"]["length_control"]
     assert "max_tokens only" in (tmp_path / "report.html").read_text()
+
+
+def test_a_kept_alive_connection_closed_unanswered_is_resent_once_and_counted(tmp_path):
+    """The server closes every reused connection at the next request without a byte (the worst case of
+    llama.cpp's habit): each such request is resent once on a new connection, succeeds, and is counted."""
+    with running(free_port(), "--ttft", "0.01", "--itl", "0.005", "--drop-kept-alive", "1") as url:
+        out = run_headless(url, tmp_path, 2, "3s", *SMALL, timeout=120)
+        truth = fetch_truth(url)
+    s = out.summary
+    assert s is not None, out.output[-2000:]
+    dropped = sum(1 for entry in truth.values() if entry.get("status") == "dropped")
+    assert dropped > 0 and s["requests"]["failed"] == 0, s["errors"]
+    assert s["requests"]["connection_retries"] == dropped  # every drop seen, none hidden
+    assert s["requests"]["total"] == len(truth) - dropped  # each request once, whatever it took
+    records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    assert sum(r["connection_retries"] for r in records) == dropped and max(r["connection_retries"] for r in records) == 1
 
 
 @pytest.mark.parametrize(

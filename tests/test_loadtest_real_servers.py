@@ -1,9 +1,16 @@
-"""The load test against an OpenAI-compatible server nobody here wrote: ``transformers serve``.
+"""The load test against OpenAI-compatible servers nobody here wrote: ``transformers serve`` and
+llama.cpp's ``llama-server``.
 
-A tiny random-weight GLM-4 checkpoint is written locally (serve/engines/synthetic_glm.py; no
-download) and served by Hugging Face's own server, which answers HTTP 422 to any request field
-it does not know. With the default ``--server-dialect openai`` every request must succeed; with
-our own server's dialect the run must end early with a FAIL naming that 422.
+``transformers serve``: a tiny random-weight GLM-4 checkpoint is written locally
+(serve/engines/synthetic_glm.py; no download) and served by Hugging Face's own server, which
+answers HTTP 422 to any request field it does not know. With the default ``--server-dialect
+openai`` every request must succeed; with our own server's dialect the run must end early with a
+FAIL naming that 422.
+
+``llama-server`` (built by .ci/llama-server.sh; CI requires it): a tiny random-weight Llama in
+GGUF (tests/tiny_gguf.py). It takes unknown fields and vLLM's ``ignore_eos``, so with the default
+dialect replies may end early at a random EOS (counted, never a failure), and with ``--server-dialect
+vllm`` every reply is exactly ``max_tokens`` long.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from conftest import _stop, _wait_healthy, free_port  # noqa: E402
+import tiny_gguf  # noqa: E402
+from conftest import _stop, _wait_healthy, free_port, require_binary  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 from serve.engines import synthetic_glm  # noqa: E402
 
@@ -77,3 +85,47 @@ def test_extensions_make_transformers_serve_fail_the_run_early(transformers_serv
     assert out.returncode == 1 and s["verdict"] == "FAIL", out.output[-3000:]
     assert "HTTP 422" in s["stopped_early"] and "ignore_eos" in s["stopped_early"], s["stopped_early"]
     assert s["duration_s"] < 60 and s["requests"]["failed"] == s["requests"]["total"]
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama.cpp's server on a free loopback port with a tiny local GGUF, 2 slots, one thread."""
+    binary = require_binary("llama-server")
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    model = tiny_gguf.write(folder / "tiny.gguf")
+    port, log_path = free_port(), folder / "llama-server.log"
+    cmd = [binary, "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "4096", "-np", "2",
+           "-t", "1", "--chat-template", "chatml", "--skip-chat-parsing", "--alias", "tiny-llama", "--no-webui"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log_path, path="/health", name="llama-server")
+        yield url
+    finally:
+        _stop(proc)
+
+
+def _records(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "requests.jsonl").read_text().splitlines()]
+
+
+def test_plain_openai_dialect_passes_llama_server(llama_server, tmp_path):
+    out = run_headless(llama_server, tmp_path, 2, "10s", *TEXT, "--model", "tiny-llama", timeout=240)
+    s = out.summary
+    assert s is not None, out.output[-3000:]
+    assert s["requests"]["total"] >= 2 and s["requests"]["failed"] == 0, s["errors"]
+    for r in _records(tmp_path):  # timed, counted; a random early EOS makes a reply short, not a failure
+        assert r["ok"] and r["ttft_s"] > 0 and r["e2e_s"] >= r["ttft_s"], r
+        assert 1 <= r["output_tokens"] <= r["max_tokens"] and r["tokens_source"] in ("usage", "deltas"), r
+    print({k: s["requests"][k] for k in ("total", "tokens_from_deltas", "shorter_than_max_tokens",
+                                         "connection_retries")})
+
+
+def test_vllm_dialect_fixes_llama_servers_reply_length(llama_server, tmp_path):
+    out = run_headless(llama_server, tmp_path, 2, "10s", *TEXT, "--model", "tiny-llama", "--server-dialect", "vllm",
+                       timeout=240)
+    s = out.summary
+    assert s is not None, out.output[-3000:]
+    assert s["requests"]["failed"] == 0 and s["requests"]["shorter_than_max_tokens"] == 0, s["requests"]
+    assert all(r["output_tokens"] == r["max_tokens"] for r in _records(tmp_path))
