@@ -93,7 +93,9 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
         "generator_cpu_p90": worker.get("cpu_percent_p90"),
         "loop_lag_p99_ms": (worker.get("loop_lag_p99_s") or 0) * 1000,
         "stamp_delay_p99_ms": (worker.get("stamp_delay_p99_s") or float("nan")) * 1000,
+        "coalesced_share": worker.get("coalesced_share"),
         "invalid": not summary["validity"]["valid"],
+        "invalid_because": summary["validity"]["reasons"],
         "failed": summary["requests"]["failed"],
         "locust_exit": proc.returncode,
     }
@@ -102,15 +104,15 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
 def markdown(rows: list[dict]) -> str:
     head = ("| pattern | streams | requests | \\|TTFT err\\| p50 / p99 (ms) | \\|ITL err\\| p50 / p99 (ms) "
             "| achieved concurrency | CPU-s per 1000 chunks | generator CPU p90 | stamping delay p99 ≤ (ms) "
-            "| loop lag p99 (ms) | run invalid | failed |")
-    lines = [head, "|" + "---|" * 12]
+            "| tokens sharing a read | loop lag p99 (ms) | run invalid | failed |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         achieved = f"{r['achieved_concurrency']:.1f}" if r["achieved_concurrency"] is not None else "n/a"
         lines.append(
             f"| {r['pattern']} | {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
             f"| {r['itl_err_p50_ms']:.2f} / {r['itl_err_p99_ms']:.2f} | {achieved} of {r['streams']} "
             f"| {r['cpu_s_per_1000_chunks']:.3f} | {r['generator_cpu_p90'] or 0:.0f} % | {r['stamp_delay_p99_ms']:.1f} "
-            f"| {r['loop_lag_p99_ms']:.1f} "
+            f"| {(r['coalesced_share'] or 0):.2%} | {r['loop_lag_p99_ms']:.1f} "
             f"| {'yes' if r['invalid'] else 'no'} | {r['failed']} |"
         )
     return "\n".join(lines)

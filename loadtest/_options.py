@@ -78,7 +78,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--max-error-rate-min", type=int, default=20,
                    help="... once at least this many requests ended")
     g.add_argument("--max-stamp-delay-ms", type=float, default=5.0,
-                   help="stamping delay p99 (socket arrival -> stamp) above this marks the run invalid")
+                   help="stamping delay p99 (socket arrival -> read) above this, with --max-coalesced-share, "
+                        "marks the run invalid")
+    g.add_argument("--max-coalesced-share", type=float, default=0.01,
+                   help="share of tokens read together with the next one above this, with --max-stamp-delay-ms, "
+                        "marks the run invalid")
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ class Run:
         validity = _selfcheck.validity(
             samples, [r.schedule_lag_s for r in records if r.schedule_lag_s is not None],
             opts.max_worker_cpu, opts.max_loop_lag_ms / 1000, opts.max_schedule_lag_ms / 1000,
-            opts.max_stamp_delay_ms / 1000,
+            opts.max_stamp_delay_ms / 1000, _selfcheck.coalesced_gaps(records), opts.max_coalesced_share,
         )
         missing = sorted(self.senders - self.finals) if final else []
         if missing:

@@ -106,6 +106,22 @@ def stamp_delay_p99(bins: list[list[int]]) -> float | None:
     return next((b + 1) * DELAY_BIN_S for b, seen in zip(order, cumulative) if seen >= 0.99 * total)
 
 
+def coalesced_gaps(records) -> dict[str, tuple[float, float]]:
+    """Per user process, the share of token gaps of exactly 0 s (two tokens from one socket read) and the
+    same share among first gaps only (a first token read with the second one: its TTFT carries the second's
+    arrival; in a burst first tokens are the likeliest to share a read)."""
+    out: dict[str, list[int]] = {}
+    for r in records:
+        counts = out.setdefault(r.worker, [0, 0, 0, 0])
+        counts[0] += sum(1 for gap in r.itl_s if gap == 0.0)
+        counts[1] += len(r.itl_s)
+        if r.itl_s:
+            counts[2] += r.itl_s[0] == 0.0
+            counts[3] += 1
+    return {worker: (zero / gaps if gaps else 0.0, first / firsts if firsts else 0.0)
+            for worker, (zero, gaps, first, firsts) in out.items()}
+
+
 def validity(
     per_worker: dict[str, dict[str, list[float]]],
     schedule_lags: list[float],
@@ -113,8 +129,19 @@ def validity(
     max_loop_lag_s: float,
     max_schedule_lag_s: float,
     max_stamp_delay_s: float,
+    coalesced: dict[str, tuple[float, float]] | None = None,
+    max_coalesced_share: float = 0.01,
 ) -> dict:
-    """Run validity: invalid when any generator process saturated or open-loop arrivals ran late."""
+    """Run validity: invalid when any generator process saturated, read tokens too late to keep their own
+    arrival times, or open-loop arrivals ran late.
+
+    Stamps are the kernel's arrival times, so a late read alone costs nothing; it costs when the reader
+    was so late that two tokens came in one read (the older one then carries the newer one's arrival).
+    ``coalesced`` maps each process to its shares of 0 s gaps (all gaps, first gaps: :func:`coalesced_gaps`):
+    a process is flagged when its stamping delay p99 exceeds ``max_stamp_delay_s`` and either share
+    exceeds ``max_coalesced_share``. A server that writes several tokens at once also makes 0 s gaps; a prompt reader (low delay)
+    then shows they are the server's.
+    """
     reasons = []
     workers = {}
     for worker, samples in sorted(per_worker.items()):
@@ -124,9 +151,13 @@ def validity(
         workers[worker] = {"cpu_percent_p90": cpu, "loop_lag_p99_s": lag, "stamp_delay_p99_s": delay,
                            "stamp_delay_reads": sum(n for _, n in samples.get("stamp_delay_bins") or []),
                            "cpu_seconds": max(samples.get("cpu_seconds") or [0.0])}
-        if delay is not None and delay > max_stamp_delay_s:
+        share, first = (coalesced or {}).get(worker, (0.0, 0.0))
+        workers[worker].update(coalesced_share=share, coalesced_first_share=first)
+        if delay is not None and delay > max_stamp_delay_s and max(share, first) > max_coalesced_share:
             reasons.append(f"{worker}: stamping delay p99 <= {delay * 1e3:.1f} ms > {max_stamp_delay_s * 1e3:.1f} ms "
-                           "(chunks waited in the generator before their stamp)")
+                           f"and {share:.1%} of tokens ({first:.1%} of first tokens) read together with the next "
+                           f"one > {max_coalesced_share:.0%} (the generator read too late to keep each token's "
+                           "arrival time)")
         if cpu is not None and cpu > max_cpu:
             reasons.append(f"{worker}: CPU p90 {cpu:.0f}% > {max_cpu:.0f}%")
         if lag is not None and lag > max_loop_lag_s:

@@ -10,9 +10,13 @@ after the socket read that delivered its last byte (``time.perf_counter()``,
 CLOCK_MONOTONIC on Linux, the same clock in every process of a host).
 
 Each read also asks the kernel when the bytes reached the socket
-(``SO_TIMESTAMPNS``); the difference to the stamp is the stamping delay the
-self-check judges (loadtest/_selfcheck.py), measured on every read instead of
-guessed from a timer.
+(``SO_TIMESTAMPNS``, the newest packet the read took). Where the kernel
+answers (plain TCP on Linux), that arrival time is the stamp: the clock
+reading moved back by the delay between arrival and read, so a generator busy
+with other streams no longer makes a token look late. The delays are kept for
+the self-check (loadtest/_selfcheck.py): a reader late by more than the gap
+between two chunks takes both in one read, and the older one then carries the
+newer one's time.
 
 The definitions of every field live in docs/glossary.md; this module is their
 one implementation.
@@ -70,9 +74,10 @@ class SocketReads:
     ``response`` is geventhttpclient's ``HTTPSocketResponse`` (what Locust's
     FastResponse wraps): its socket, its HTTP parser (``feed``, which also
     undoes chunked encoding into ``_body_buffer``) and ``message_complete``.
-    ``delays_s`` collects socket-arrival-to-stamp delays (kernel receive time
-    to the stamp, both on CLOCK_REALTIME); empty where the kernel gives none
-    (TLS sockets, non-Linux).
+    ``delays_s`` collects each read's delay from the kernel's receive time to
+    the read (both on CLOCK_REALTIME), by which its stamp was moved back; empty
+    where the kernel gives none (TLS sockets, non-Linux: stamps are then the
+    read's own time).
     """
 
     def __init__(self, response, clock: Clock = time.perf_counter) -> None:
@@ -92,8 +97,8 @@ class SocketReads:
         recv = self._kernel_stamped(sock)
         try:
             while not resp.message_complete:
-                data = recv()
-                t = clock()  # stamp first: nothing but the read happened before this line
+                data, late = recv()
+                t = clock() - late  # stamp first: nothing but the read happened before this line
                 if not data:
                     return
                 resp.feed(data)
@@ -104,25 +109,27 @@ class SocketReads:
             resp.release()
             raise
 
-    def _kernel_stamped(self, sock) -> Callable[[], bytes]:
-        """A read function; on a plain TCP socket it also records the socket-arrival-to-stamp delay."""
+    def _kernel_stamped(self, sock) -> Callable[[], tuple[bytes, float]]:
+        """A read function returning (bytes, seconds since the kernel had them: 0 where it cannot say)."""
         size = self.response.block_size
         if isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)):  # recvmsg would bypass TLS
-            return lambda: sock.recv(size)
+            return lambda: (sock.recv(size), 0.0)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         except OSError:
-            return lambda: sock.recv(size)
+            return lambda: (sock.recv(size), 0.0)
         delays, wall = self.delays_s, time.clock_gettime_ns
 
-        def recv() -> bytes:
+        def recv() -> tuple[bytes, float]:
             data, ancillary, _flags, _addr = sock.recvmsg(size, _ANCILLARY)
             now = wall(time.CLOCK_REALTIME)
             for level, kind, raw in ancillary:
                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
                     sec, nsec = _TIMESPEC.unpack_from(raw)
-                    delays.append((now - sec * 1_000_000_000 - nsec) / 1e9)
-            return data
+                    late = max(0.0, (now - sec * 1_000_000_000 - nsec) / 1e9)
+                    delays.append(late)
+                    return data, late
+            return data, 0.0
 
         return recv
 
