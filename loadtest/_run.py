@@ -68,6 +68,7 @@ class Run:
     open_requests: Counter = field(default_factory=Counter)  # epoch -> pre-drain requests in flight here
     in_flight: int = 0  # requests in flight in this process, any phase
     stopping: bool = False  # the run is stopping: users start no new request
+    locust_stop_timeout: float | None = None  # Locust's own, while a lower level lends it another
     records: list[RequestRecord] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
     windows: dict[int, float] = field(default_factory=dict)
@@ -156,10 +157,24 @@ class Run:
         """Adopt the master's load state (every process, the master included)."""
         if state.epoch != self.load.epoch:
             self.epoch_began[state.epoch] = time.perf_counter()
+            self._let_surplus_users_finish(lower=state.level < self.load.level)
         self.load = state
         if self.server is not None:  # server scrapes are attributed to the level they were taken at
             self.server.level = state.level
         self._report_drained()
+
+    def _let_surplus_users_finish(self, lower: bool) -> None:
+        """A lower level (the capacity search bisecting down) stops some users: each ends its request first.
+
+        Locust stops surplus users at once unless ``stop_timeout`` is set; killed mid-stream, their
+        requests would be failures the server never caused. So for the Locust stop that a lower
+        level brings, users may take up to --request-timeout to end what they started; the final
+        stop drains its own way (:func:`on_test_stopping` clears this again).
+        """
+        env = self.environment
+        if self.locust_stop_timeout is None:
+            self.locust_stop_timeout = env.stop_timeout or 0
+        env.stop_timeout = env.parsed_options.request_timeout if lower else self.locust_stop_timeout
 
     def pre_drain_open(self) -> int:
         return self.open_requests[self.load.epoch]
@@ -484,6 +499,8 @@ def on_test_stopping(environment, **_kw) -> None:
     process drains once, bounded by :func:`final_drain_s`.
     """
     run = run_of(environment)
+    if run.locust_stop_timeout is not None:  # this drain, not Locust's per-user wait (Run._let_surplus_users_finish)
+        environment.stop_timeout = run.locust_stop_timeout
     if run.is_master:
         return
     run.stopping = True
