@@ -163,11 +163,25 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
         if b"[DONE]" in block and _done_line(data):
             break
     record.response_bytes += len(data)
+    _no_later_than_the_next(stamps)
     events, usage, done_at = _parse(_stamped_lines(data, stamps, ends))
     if done_at is None:
         raise StreamError("stream ended without [DONE] and without a finish_reason")
     record.e2e_s = done_at - t0
     _summarise(record, events, usage, t0)
+
+
+def _no_later_than_the_next(stamps: list[float]) -> None:
+    """Bytes cannot have arrived after bytes behind them: cap each stamp at the next one's.
+
+    Kernel arrival stamps can be earlier than a stamp taken by the clock: the bytes that came
+    with the response headers (read by the HTTP client, whose kernel time is lost) are stamped
+    when the reader got to them, which can be after the next read's bytes arrived. Capped, that
+    block's stamp is the tightest bound known for it, and no gap comes out negative.
+    """
+    for i in range(len(stamps) - 2, -1, -1):
+        if stamps[i] > stamps[i + 1]:
+            stamps[i] = stamps[i + 1]
 
 
 def _done_line(data: bytearray) -> bool:

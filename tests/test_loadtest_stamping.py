@@ -115,3 +115,13 @@ def test_late_reads_make_a_run_invalid_only_when_tokens_shared_a_read():
     assert valid(prompt, together)     # prompt reader: the server wrote tokens together
     assert not valid(late, together)   # late and coalesced: older tokens carry newer arrival times
     assert not valid(late, firsts)     # 1 request in 10 had its first token read with the second
+
+
+def test_a_block_stamped_later_than_the_next_one_is_capped_at_it():
+    """The bytes that came with the headers carry the reader's clock, the next read the kernel's earlier
+    arrival time: the first block cannot have arrived after the second, so its stamp is capped (no
+    negative gap, no e2e shorter than the TTFT)."""
+    token = _event({"choices": [{"delta": {"content": "a"}}]})
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=1)
+    consume(rec, iter([(2.0, token), (1.5, _event("[DONE]"))]), t0=1.0)
+    assert rec.ok and rec.ttft_s == 0.5 and rec.e2e_s == 0.5

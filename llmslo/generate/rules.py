@@ -382,8 +382,9 @@ def _scale_out_alert(cfg: SLOConfig) -> Alert:
         series.update(_slo_traffic("ttft", cfg, model, [(bad, 40)], 60))
         return Scenario(name, series, 25, fires, {"model": model} if fires else {})
 
-    return Alert(
-        name="ScaleOutExhausted", expr=f"({healthy} >= on (model) {ceiling}) and on (model) ({burn} > 1)",
+    at_ceiling_burn = f"(({burn}) and on (model) ({healthy} >= on (model) {ceiling}))"  # the burn, only at max
+    return _threshold_alert(
+        "ScaleOutExhausted", at_ceiling_burn, ">", 1,
         severity="page", for_=KPI_FOR,
         summary="{{ $labels.model }} runs at its max replicas while an SLO burns",
         description=(f"Every replica the deployment may run is up and healthy, and an SLO's error ratio over "
