@@ -324,11 +324,16 @@ def _decode_alert(cfg: SLOConfig) -> Alert:
     )
 
 
+def _healthy_model_replicas(aggregation: str) -> str:
+    """``aggregation`` by model over the model replicas Serve reports healthy (their capacity series)."""
+    return (f'{aggregation} by (model) ({n.REPLICA_CAPACITY}{{component="{n.MODEL_COMPONENT}"}} and on (replica) '
+            f"({n.SERVE_REPLICA_HEALTHY} == 1))")
+
+
 def _capacity_alert(cfg: SLOConfig) -> Alert:
     kpi = cfg.kpis["concurrency"]
     model = cfg.service.model
-    value = (f'sum by (model) ({n.REPLICA_CAPACITY}{{component="{n.MODEL_COMPONENT}"}} and on (replica) '
-             f"({n.SERVE_REPLICA_HEALTHY} == 1))")
+    value = _healthy_model_replicas("sum")
 
     def replicas(per_replica: float, healthy: tuple[int, int]) -> dict[str, str]:
         series = {}
@@ -363,8 +368,7 @@ def _scale_out_alert(cfg: SLOConfig) -> Alert:
     """The autoscaler has nothing left to add while users already feel it: only a human can help."""
     model = cfg.service.model
     short = _windows(cfg)[0]
-    healthy = (f'count by (model) ({n.REPLICA_CAPACITY}{{component="{n.MODEL_COMPONENT}"}} and on (replica) '
-               f"({n.SERVE_REPLICA_HEALTHY} == 1))")
+    healthy = _healthy_model_replicas("count")
     ceiling = f'max by (model) ({n.DEPLOYMENT_MAX_REPLICAS}{{component="{n.MODEL_COMPONENT}"}})'
     burn = f"max by (model) (slo:sli_error:ratio_rate{short} / on (slo) group_left () slo:error_budget:ratio)"
     budget = cfg.slos["ttft"].error_budget
