@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from contract import names as n  # noqa: E402
 from contract.slo import load_slo  # noqa: E402
-from llmslo.supervisor import descendants, free_port, reap  # noqa: E402
+from serve.processes import descendants, free_port, reap  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 
 LOAD = ["--mix", "text=1", "--input-tokens", "512", "--output-tokens", "256", "--short-share", "0"]

@@ -43,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llmslo.supervisor import free_port  # noqa: E402
+from serve.processes import free_port  # noqa: E402
 from loadtest._headless import locust_command  # noqa: E402
 from loadtest._truth_server import fetch_truth, running  # noqa: E402
 

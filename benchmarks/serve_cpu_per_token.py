@@ -11,9 +11,11 @@ tree, stream ``--rounds`` x ``--streams`` requests of 512 prompt / 256 output to
 (tokens from ``usage``), read the CPU times again. CPU per token = CPU seconds spent
 during the streams / completion tokens. Processes are grouped by their title
 (Ray names workers ``ray::ServeReplica:<app>:<deployment>``, ``ray::ProxyActor``).
+Second reading, which nothing in the tree can hide from: the whole machine's busy CPU
+(every CPU's time minus idle and iowait) during the streams, minus this client's own.
 
     .venv/bin/python benchmarks/serve_cpu_per_token.py [--streams 8] [--rounds 2] [--replicas 2]
-        [--env RAY_SERVE_THROUGHPUT_OPTIMIZED=1] [--json out.json]
+        [--env RAY_SERVE_ENABLE_HA_PROXY=1] [--env RAY_SERVE_THROUGHPUT_OPTIMIZED=0] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import asyncio
 import json
 import platform
 import signal
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -59,10 +62,21 @@ def cpu_by_group(root: psutil.Process) -> dict[str, float]:
     return dict(out)
 
 
-async def stream_rounds(url: str, model: str, streams: int, rounds: int) -> int:
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (every state but idle and iowait)."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def client_cpu_s() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+async def stream_rounds(url: str, model: str, streams: int, rounds: int, overheads: list[float]) -> int:
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as client:
         for _ in range(rounds):
-            await asyncio.gather(*[http_stream(client, url, model) for _ in range(streams)])
+            await asyncio.gather(*[http_stream(client, url, model, overheads) for _ in range(streams)])
     return streams * rounds * OUTPUT_TOKENS  # http_stream asserted usage == OUTPUT_TOKENS for each
 
 
@@ -79,9 +93,12 @@ def main() -> int:
     proc, url = start_server(args.replicas, env)
     try:
         root = psutil.Process(proc.pid)
-        asyncio.run(stream_rounds(url, args.model, 1, 1))  # warm-up
+        overheads: list[float] = []
+        asyncio.run(stream_rounds(url, args.model, 1, 1, []))  # warm-up
         before, t0 = cpu_by_group(root), time.monotonic()
-        tokens = asyncio.run(stream_rounds(url, args.model, args.streams, args.rounds))
+        busy0, client0 = machine_busy_s(), client_cpu_s()
+        tokens = asyncio.run(stream_rounds(url, args.model, args.streams, args.rounds, overheads))
+        busy, client = machine_busy_s() - busy0, client_cpu_s() - client0
         after, wall = cpu_by_group(root), time.monotonic() - t0
     finally:
         proc.send_signal(signal.SIGINT)
@@ -99,8 +116,17 @@ def main() -> int:
     for group, seconds in rows:
         print(f"{group:44} {seconds:7.2f} {seconds / tokens * 1e3:9.3f}")
     print(f"{'total':44} {total:7.2f} {total / tokens * 1e3:9.3f}   ({total / wall * 100:.0f} % of one CPU)")
+    machine = busy - client
+    print(f"{'whole machine busy minus this client':44} {machine:7.2f} {machine / tokens * 1e3:9.3f}"
+          f"   (client {client:.2f} s)")
+    cuts = statistics.quantiles(overheads, n=20, method="inclusive")
+    overhead = {"p50_ms": statistics.median(overheads) * 1e3, "p95_ms": cuts[18] * 1e3, "n": len(overheads)}
+    print(f"serving-path TTFT overhead (client TTFT - engine TTFT): p50 {overhead['p50_ms']:.1f} ms, "
+          f"p95 {overhead['p95_ms']:.1f} ms over {len(overheads)} streams")
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "cpu_s": dict(rows), "ms_per_token": total / tokens * 1e3}, indent=2))
+        args.json.write_text(json.dumps({"meta": meta, "cpu_s": dict(rows), "ms_per_token": total / tokens * 1e3,
+                                         "machine_minus_client_ms_per_token": machine / tokens * 1e3,
+                                         "ttft_overhead": overhead}, indent=2))
     return 0
 
 

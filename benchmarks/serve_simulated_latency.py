@@ -45,10 +45,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llmslo.supervisor import free_port  # noqa: E402
+from contract import timing as T  # noqa: E402
 from serve import tokens  # noqa: E402
 from serve.engines.base import Delta, GenerationRequest, Message  # noqa: E402
 from serve.engines.simulated import SimulatedEngine  # noqa: E402
+from serve.processes import free_port  # noqa: E402
 
 PROMPT_TOKENS, OUTPUT_TOKENS = 512, 256
 TARGETS = {"ttft_ms": (320, 15), "tpot_ms": (18, 2)}
@@ -74,7 +75,10 @@ async def engine_stream(engine: SimulatedEngine, i: int) -> tuple[float, list[fl
     return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
-async def http_stream(client: httpx.AsyncClient, url: str, model: str) -> tuple[float, list[float]]:
+async def http_stream(client: httpx.AsyncClient, url: str, model: str,
+                      overheads: list[float] | None = None) -> tuple[float, list[float]]:
+    """(TTFT, gaps between content chunks) of one stream; with ``overheads``, also appends its
+    serving-path TTFT overhead: client TTFT minus the engine's own (first token - replica start)."""
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": OUTPUT_TOKENS,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     t0, stamps, usage = time.monotonic(), [], None
@@ -89,6 +93,9 @@ async def http_stream(client: httpx.AsyncClient, url: str, model: str) -> tuple[
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 stamps.append(time.monotonic())
     assert usage and usage["prompt_tokens"] == PROMPT_TOKENS and usage["completion_tokens"] == OUTPUT_TOKENS, usage
+    if overheads is not None:
+        hops = usage[T.USAGE_KEY]
+        overheads.append(stamps[0] - t0 - (hops[T.ENGINE_FIRST_TOKEN] - hops[T.REPLICA_STARTED]))
     return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
 
 

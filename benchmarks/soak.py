@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 from contract import names  # noqa: E402
 from contract.slo import load_slo  # noqa: E402
 from llmslo.generate import rules, to_yaml  # noqa: E402
-from llmslo.supervisor import free_port  # noqa: E402
+from serve.processes import free_port  # noqa: E402
 from loadtest import run_headless  # noqa: E402
 
 ROLES = {"ServeReplica:llmslo:Model": "model", "ServeReplica:llmslo:Ingress": "ingress", "ProxyActor": "proxy"}

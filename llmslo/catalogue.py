@@ -21,8 +21,9 @@ from typing import Any
 
 import yaml
 
-from llmslo.supervisor import ROOT, Service, free_port
+from llmslo.supervisor import ROOT, Service
 from loadtest._headless import locust_argv
+from serve.processes import free_port
 
 APT_HINT = {
     "prometheus": "sudo apt-get install prometheus",

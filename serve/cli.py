@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -54,6 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--address", help="join this running Ray cluster (HOST:GCS_PORT) instead of starting one")
     p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"],
                    help="where Serve runs HTTP proxies (config: proxy_location); HeadOnly when nodes share one host")
+    p.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+                   help="what answers on the HTTP port: Ray Serve's Python proxy (default) or HAProxy relaying "
+                        "to the ingress replicas' own HTTP servers (half the serving CPU per token; "
+                        "docs/serve.md#haproxy-ingress)")
     p.add_argument("--stop-grace-s", type=float, default=30.0,
                    help="on stop, how long Ray's processes may take to exit before they are killed")
     return p.parse_args(argv)
@@ -103,6 +109,38 @@ def export_env_vars(entry: dict[str, Any], environ: MutableMapping[str, str]) ->
     Ray reads its Serve settings at import in each process; exported before Ray starts,
     they reach the HTTP proxy and the controller too, not only the replicas."""
     for key, value in ((entry.get("runtime_env") or {}).get("env_vars") or {}).items():
+        environ.setdefault(key, str(value))
+
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# Below the kernel's ephemeral ports (32768-60999), above Ray's worker ports (10002-19999),
+# apart from Serve's direct-ingress replica ports (30000-31000)
+HAPROXY_SIDE_PORTS = range(21000, 29000)
+
+
+def haproxy_env(environ: MutableMapping[str, str], run_dir: Path) -> None:
+    """This server's own HAProxy files and ports, when Serve's HAProxy ingress is on (values
+    already set win).
+
+    Ray's defaults are one fixed set per host (``/tmp/haproxy-serve/`` for the config, admin
+    socket and server state; ports 9101 for HAProxy's metrics and 8404 for its stats page,
+    both bound on every interface): a second server on the same host (a test next to another,
+    a demo next to a stack) would overwrite the first one's config or fail to bind."""
+    from serve.processes import free_port
+
+    if environ.get(HAPROXY_FLAG) != "1":
+        return
+    for key, value in {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": run_dir / "haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": run_dir / "admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": run_dir / "server-state",
+        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(HAPROXY_SIDE_PORTS),
+        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(HAPROXY_SIDE_PORTS),
+        # Ray's proxy stays on as HAProxy's fallback, on fixed ports by default (8500, 9500)
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": free_port(HAPROXY_SIDE_PORTS),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": free_port(HAPROXY_SIDE_PORTS),
+    }.items():
         environ.setdefault(key, str(value))
 
 
@@ -165,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 2
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ns.ingress == "haproxy":
+        os.environ[HAPROXY_FLAG] = "1"
     export_env_vars(entry, os.environ)
+    run_dir = Path(tempfile.mkdtemp(prefix="llmslo-serve-"))
+    haproxy_env(os.environ, run_dir)
     from ray import serve
 
     from serve.app import build_app
@@ -186,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     finally:
         stop_ray(ns.stop_grace_s)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

@@ -8,11 +8,26 @@ make sure they are gone.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Iterable
 from typing import Any
 
 import psutil
+
+
+def free_port(within: range | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now: the kernel's pick, or a
+    random free one of ``within`` (for a port another program binds later, on every interface:
+    a pick from the kernel's ephemeral range may meanwhile become some connection's source port)."""
+    if within is None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for port in random.sample(within, min(len(within), 64)):
+        if not port_taken("0.0.0.0", port):
+            return port
+    raise OSError(f"no free port in {within.start}-{within.stop - 1}")
 
 
 def port_taken(host: str, port: int) -> bool:

@@ -20,8 +20,8 @@ Exported names (logical, before Ray's prefix), BRIEF contract 2:
 - ``llmslo_process_cpu_percent{model,component}``: CPU time of this node's
   serving processes of one role over the last sampling interval, as a share of
   the whole machine (100 = every logical CPU busy). Roles (``component``):
-  ``ingress``, ``replica`` (model replicas), ``http_proxy``,
-  ``serve_controller``, ``raylet``, ``gcs``, ``ray_other`` (dashboard, agents,
+  ``ingress``, ``replica`` (model replicas), ``http_proxy`` (HAProxy and
+  Ray's proxy actors), ``serve_controller``, ``raylet``, ``gcs``, ``ray_other`` (dashboard, agents,
   monitors, idle workers). ``sum by (instance)`` is the whole serving tree of a
   node, the reading the "CPU < 70 %" KPI and the CPUHigh alert are judged on.
   One serving process per node publishes it (the holder of a file lock, see
@@ -166,10 +166,11 @@ def process_role(name: str, title: str) -> str:
     """Role of a serving-tree process, from its name and Ray's process title (``ray::...``)."""
     if "ServeReplica:" in title:  # ray::ServeReplica:<app>:<deployment>[.<method>]
         return "ingress" if title.rsplit(":", 1)[1].split(".")[0] == INGRESS_DEPLOYMENT else "replica"
-    for prefix, role in (("ray::ProxyActor", "http_proxy"), ("ray::ServeController", "serve_controller")):
+    for prefix, role in (("ray::ProxyActor", "http_proxy"), ("ray::HAProxyManager", "http_proxy"),
+                         ("ray::ServeController", "serve_controller")):
         if title.startswith(prefix):
             return role
-    return {"raylet": "raylet", "gcs_server": "gcs"}.get(name, "ray_other")
+    return {"raylet": "raylet", "gcs_server": "gcs", "haproxy": "http_proxy"}.get(name, "ray_other")
 
 
 Tree = dict[int, tuple[str, psutil.Process]]  # pid -> (role, process)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from llmslo.supervisor import free_port  # noqa: F401  (re-exported: tests import it from here)
+from serve.processes import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -121,6 +121,14 @@ def test_serve_app_is_the_local_one_with_the_gpu_engine() -> None:
     settings = AppSettings(**cluster_app["args"])
     assert settings.engine == "transformers"
     assert settings.gpus_per_replica == load_slo().service.gpus_per_replica
+    # runtime_env reaches the replicas only; Ray reads Serve's mode (throughput mode, direct ingress)
+    # in the controller and proxies too, so every Ray container carries the same values
+    serve_env = {k: v for k, v in cluster_app["runtime_env"]["env_vars"].items() if k != "RAY_SERVE_LOG_TO_STDERR"}
+    spec = find("RayService", "llmslo")["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for container in (c for g in groups for c in g["template"]["spec"]["containers"]):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in serve_env} == serve_env, container["name"]
 
 
 def test_one_worker_pod_is_one_model_copy_with_gpus_per_replica_gpus() -> None:
