@@ -17,8 +17,8 @@ HTTP errors; failures after it are an SSE error event followed by ``[DONE]``.
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
@@ -47,7 +47,6 @@ from serve.telemetry import start_telemetry
 
 log = structlog.get_logger("llmslo.ingress")
 HEALTH_TIMEOUT_S = 5.0
-T = TypeVar("T")
 
 app = FastAPI(title="llmslo model service", docs_url=None, redoc_url=None)
 
@@ -92,30 +91,6 @@ def _abandon(stream: DeploymentResponseGenerator, rec: RequestRecord) -> None:
     if not rec.closed:
         stream.cancel()
         rec.close(499)
-
-
-async def _client_left(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read: ``receive`` now waits for that)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
-    """``work``'s result, or CancelledError as soon as the client disconnects first.
-
-    Behind Ray's proxy a client that leaves cancels this handler; behind HAProxy the
-    ingress replica's own HTTP server only reports it on ``receive``, so nothing would
-    stop a generation whose client left before its first byte."""
-    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_client_left(request))
-    try:
-        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled() or not task.done():
-        raise asyncio.CancelledError("the client disconnected")
-    return task.result()
 
 
 class _CleanupStreamingResponse(StreamingResponse):
@@ -218,9 +193,9 @@ class Ingress:
         stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive(), time.time())
         items = self._items(stream, rec)
         try:  # a stream's status is decided at its first token; a plain answer's at its end
-            first = await _unless_client_leaves(request, self._next(items))
+            first = await self._next(items)
             if not prepared.stream:
-                content, reasoning, finish = await _unless_client_leaves(request, self._collect(first, items))
+                content, reasoning, finish = await self._collect(first, items)
         except APIError as err:
             rec.close(err.status, err.code)
             return error_response(err)

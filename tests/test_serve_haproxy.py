@@ -90,9 +90,9 @@ def test_concurrent_streams_reach_both_replicas(haproxy_app):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "known gap of --ingress haproxy: the ingress sees the disconnect and cancels its handle call (499), "
-    "but the model replica keeps the request until its next token (40.6 s here at slowdown 2000); "
-    "behind Ray's proxy it is freed at once. docs/serve.md#haproxy-ingress"))
+    "known gap of --ingress haproxy: HAProxy does not pass on a client's close while it waits for the "
+    "response headers, so the request holds its slot until the model's next token (40.6 s here at "
+    "slowdown 2000); behind Ray's proxy it is freed at once. docs/serve.md#haproxy-ingress"))
 def test_a_client_gone_before_the_first_token_frees_its_slot(haproxy_faults):
     assert_a_client_gone_before_the_first_token_frees_its_slot(haproxy_faults)
 
