@@ -281,7 +281,8 @@ class _Metrics:
 def test_the_server_counts_each_first_token_against_its_own_slo_budget(modality, prompt_tokens, ttft_s, outcome):
     from serve.observe import MODALITY_CLASSES, RequestRecord
 
-    rec = RequestRecord(_Metrics(), "r1", stream=True, modality=modality, prompt_tokens=prompt_tokens)
+    # started at 0.0: a real clock reading + 0.6 - itself can round to 0.59999..., a hit at the budget
+    rec = RequestRecord(_Metrics(), "r1", stream=True, modality=modality, prompt_tokens=prompt_tokens, started=0.0)
     rec.ttft_budget_s = load_slo().request_budget_s("ttft", MODALITY_CLASSES[modality], prompt_tokens)
     rec.first_token = rec.last_token = rec.started + ttft_s
     rec.close(200)
