@@ -118,9 +118,9 @@ HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 HAPROXY_SIDE_PORTS = range(21000, 29000)
 
 
-def haproxy_env(environ: MutableMapping[str, str], run_dir: Path) -> None:
-    """This server's own HAProxy files and ports, when Serve's HAProxy ingress is on (values
-    already set win).
+def haproxy_env(environ: MutableMapping[str, str]) -> Path | None:
+    """This server's own HAProxy files (a new temp dir, returned for removal at stop) and ports,
+    when Serve's HAProxy ingress is on (values already set win); None when it is off.
 
     Ray's defaults are one fixed set per host (``/tmp/haproxy-serve/`` for the config, admin
     socket and server state; ports 9101 for HAProxy's metrics and 8404 for its stats page,
@@ -129,7 +129,8 @@ def haproxy_env(environ: MutableMapping[str, str], run_dir: Path) -> None:
     from serve.processes import free_port
 
     if environ.get(HAPROXY_FLAG) != "1":
-        return
+        return None
+    run_dir = Path(tempfile.mkdtemp(prefix="llmslo-serve-"))
     for key, value in {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": run_dir / "haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": run_dir / "admin.sock",
@@ -142,6 +143,7 @@ def haproxy_env(environ: MutableMapping[str, str], run_dir: Path) -> None:
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": free_port(HAPROXY_SIDE_PORTS),
     }.items():
         environ.setdefault(key, str(value))
+    return run_dir
 
 
 def taken_ports(http: dict[str, Any], metrics_port: int | None) -> list[str]:
@@ -206,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.ingress == "haproxy":
         os.environ[HAPROXY_FLAG] = "1"
     export_env_vars(entry, os.environ)
-    run_dir = Path(tempfile.mkdtemp(prefix="llmslo-serve-"))
-    haproxy_env(os.environ, run_dir)
+    run_dir = haproxy_env(os.environ)
     from ray import serve
 
     from serve.app import build_app
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         stop.wait()
     finally:
         stop_ray(ns.stop_grace_s)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
     return 0
 
 

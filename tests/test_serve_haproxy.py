@@ -40,6 +40,10 @@ def haproxy_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
                        replicas=2, time_scale=SERVE_TIME_SCALE, log_path=log_path)
 
 
+def _port(app: ServeApp) -> int:
+    return int(app.url.rsplit(":", 1)[1])
+
+
 def _listener(port: int) -> psutil.Process:
     owners = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     assert len(owners) == 1, owners
@@ -47,13 +51,13 @@ def _listener(port: int) -> psutil.Process:
 
 
 def test_haproxy_answers_on_the_port_with_this_servers_own_files_and_ports(haproxy_app):
-    haproxy = _listener(int(haproxy_app.url.rsplit(":", 1)[1]))
+    haproxy = _listener(_port(haproxy_app))
     assert haproxy.name() == "haproxy"
     cmd = haproxy.cmdline()
     config = Path(cmd[cmd.index("-f") + 1])
     assert any(d.name.startswith("llmslo-serve-") for d in config.parents), config  # not Ray's /tmp/haproxy-serve
     binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
-    side = [int(b.rsplit(":", 1)[1]) for b in binds if not b.endswith(haproxy_app.url.rsplit(":", 1)[1])]
+    side = [int(b.rsplit(":", 1)[1]) for b in binds if not b.endswith(f":{_port(haproxy_app)}")]
     assert side and all(p in HAPROXY_SIDE_PORTS for p in side), binds  # stats and metrics: outside the ephemeral range
 
 
@@ -88,5 +92,5 @@ def test_haproxy_counts_in_the_servers_cpu(haproxy_app):
         return [v for lab, v in scrape(haproxy_app).get(names.PROCESS_CPU, []) if lab["component"] == "http_proxy"]
 
     assert wait_for(proxy_cpu), scrape(haproxy_app).get(names.PROCESS_CPU)
-    haproxy = _listener(int(haproxy_app.url.rsplit(":", 1)[1]))
+    haproxy = _listener(_port(haproxy_app))
     assert any(p.name() == "raylet" for p in haproxy.parents())  # inside the tree the node's CPU reader walks
