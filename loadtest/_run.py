@@ -32,6 +32,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from contract.record import Phase, RequestRecord
 from loadtest import _hops, _report, _selfcheck, _verdict
+from loadtest._reads import ReadLoop, read_loop
 from loadtest._live import ClientMetrics, install_web_ui
 from loadtest._options import OptionError, Secrets, Settings, SLOFileError, add_arguments, settings
 from loadtest._server_metrics import ServerWatch
@@ -75,6 +76,7 @@ class Run:
     level_since: float | None = None
     drained: set[str] = field(default_factory=set)  # workers whose pre-drain requests of this epoch ended
     selfcheck: _selfcheck.SelfCheck = field(default_factory=_selfcheck.SelfCheck)
+    reads: ReadLoop | None = None  # reads every stream socket of this process (user processes, from test start)
     worker_samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     server: ServerWatch | None = None
     metrics: ClientMetrics | None = None
@@ -367,7 +369,8 @@ def _drained(run: Run, data: dict) -> None:
 def on_test_start(environment, **_kw) -> None:
     run = run_of(environment)
     run.stopping = False
-    if not run.is_master:  # only processes that run users check themselves
+    if not run.is_master:  # only processes that run users read streams and check themselves
+        run.reads = run.reads or read_loop()
         run.selfcheck.start()
         run.selfcheck.reset()
     if run.is_worker:

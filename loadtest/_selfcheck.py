@@ -24,7 +24,7 @@ import gevent
 import numpy as np
 import psutil
 
-from loadtest._sse import kernel_timestamps_on
+from loadtest._reads import kernel_timestamps_on
 
 TICK_S = 0.05
 CPU_EVERY = 20  # ticks (1 s)

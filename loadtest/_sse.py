@@ -1,22 +1,10 @@
 """Read one OpenAI chat-completions SSE stream and turn it into a timed record.
 
-Stamp first, parse later. Under a burst (hundreds of streams whose tokens
-arrive in the same millisecond) every greenlet's stamp waits for the work
-the greenlets woken before it do per chunk, so that work is cut to the bone:
-a socket read, the clock, the HTTP chunk decoder (C), an append. Splitting
-lines, JSON decoding and every KPI happen once the stream has ended
-(:func:`consume`). Each line is stamped with the clock reading taken right
-after the socket read that delivered its last byte (``time.perf_counter()``,
-CLOCK_MONOTONIC on Linux, the same clock in every process of a host).
-
-Each read also asks the kernel when the bytes reached the socket
-(``SO_TIMESTAMPNS``, the newest packet the read took). Where the kernel
-answers (plain TCP on Linux), that arrival time is the stamp: the clock
-reading moved back by the delay between arrival and read, so a generator busy
-with other streams no longer makes a token look late. The delays are kept for
-the self-check (loadtest/_selfcheck.py): a reader late by more than the gap
-between two chunks takes both in one read, and the older one then carries the
-newer one's time.
+Stamp first, parse later: the socket reads are stamped as they happen
+(loadtest/_reads.py, where the per-chunk work is cut to the bone); splitting
+lines, JSON decoding and every KPI happen here, once the stream has ended
+(:func:`consume`). Each line is stamped with the stamp of the read that
+delivered its last byte.
 
 The definitions of every field live in docs/glossary.md; this module is their
 one implementation.
@@ -25,24 +13,16 @@ one implementation.
 from __future__ import annotations
 
 import bisect
-import socket
-import ssl
-import struct
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-import gevent.ssl
 import orjson
 
 from contract.record import RequestRecord
 from contract.timing import USAGE_KEY as TIMING_KEY
+from loadtest._reads import Block, Clock, has_done_line
 
-Clock = Callable[[], float]
-Block = tuple[float, bytes]  # (stamp, bytes one read delivered)
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not export it
-_TIMESPEC = struct.Struct("@qq")
-_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 class StreamError(Exception):
@@ -54,84 +34,6 @@ class _Event:
     t: float
     content: str
     reasoning: str
-
-
-def kernel_timestamps_on() -> socket.socket:
-    """A socket that asks for receive timestamps; keep it open for the run.
-
-    Linux stamps incoming packets only while some socket asks for it, so
-    without this the bytes that reach a fresh connection before its own flag
-    is set (its first request's) would carry no kernel time.
-    """
-    keeper = socket.socket()
-    keeper.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-    return keeper
-
-
-class SocketReads:
-    """The response body as stamped blocks, read straight off the response's socket.
-
-    ``response`` is geventhttpclient's ``HTTPSocketResponse`` (what Locust's
-    FastResponse wraps): its socket, its HTTP parser (``feed``, which also
-    undoes chunked encoding into ``_body_buffer``) and ``message_complete``.
-    ``delays_s`` collects each read's delay from the kernel's receive time to
-    the read (both on CLOCK_REALTIME), by which its stamp was moved back; empty
-    where the kernel gives none (TLS sockets, non-Linux: stamps are then the
-    read's own time).
-    """
-
-    def __init__(self, response, clock: Clock = time.perf_counter) -> None:
-        self.response = response
-        self.clock = clock
-        self.delays_s: list[float] = []
-
-    def __iter__(self) -> Iterator[Block]:
-        resp, clock = self.response, self.clock
-        buffered = resp._body_buffer
-        if buffered:  # arrived with the headers
-            yield clock(), bytes(buffered)
-            del buffered[:]
-        sock = resp._sock
-        if sock is None or resp.message_complete:
-            return
-        recv = self._kernel_stamped(sock)
-        try:
-            while not resp.message_complete:
-                data, late = recv()
-                t = clock() - late  # stamp first: nothing but the read happened before this line
-                if not data:
-                    return
-                resp.feed(data)
-                if buffered:
-                    yield t, bytes(buffered)
-                    del buffered[:]
-        except Exception:  # as geventhttpclient's own readline does: the half-read connection is closed
-            resp.release()
-            raise
-
-    def _kernel_stamped(self, sock) -> Callable[[], tuple[bytes, float]]:
-        """A read function returning (bytes, seconds since the kernel had them: 0 where it cannot say)."""
-        size = self.response.block_size
-        if isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)):  # recvmsg would bypass TLS
-            return lambda: (sock.recv(size), 0.0)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        except OSError:
-            return lambda: (sock.recv(size), 0.0)
-        delays, wall = self.delays_s, time.clock_gettime_ns
-
-        def recv() -> tuple[bytes, float]:
-            data, ancillary, _flags, _addr = sock.recvmsg(size, _ANCILLARY)
-            now = wall(time.CLOCK_REALTIME)
-            for level, kind, raw in ancillary:
-                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(raw) >= _TIMESPEC.size:
-                    sec, nsec = _TIMESPEC.unpack_from(raw)
-                    late = max(0.0, (now - sec * 1_000_000_000 - nsec) / 1e9)
-                    delays.append(late)
-                    return data, late
-            return data, 0.0
-
-        return recv
 
 
 def read_stream(record: RequestRecord, readline: Callable[[], bytes], t0: float, clock: Clock = time.perf_counter) -> None:
@@ -160,7 +62,7 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
         data += block
         stamps.append(t)
         ends.append(len(data))
-        if b"[DONE]" in block and _done_line(data):
+        if b"[DONE]" in block and has_done_line(data):
             break
     record.response_bytes += len(data)
     _no_later_than_the_next(stamps)
@@ -182,12 +84,6 @@ def _no_later_than_the_next(stamps: list[float]) -> None:
     for i in range(len(stamps) - 2, -1, -1):
         if stamps[i] > stamps[i + 1]:
             stamps[i] = stamps[i + 1]
-
-
-def _done_line(data: bytearray) -> bool:
-    """Has a ``data: [DONE]`` line (any spacing) arrived?"""
-    lines = (line.strip() for line in data.split(b"\n"))
-    return any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines)
 
 
 def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> Iterator[tuple[float, bytes]]:

@@ -22,9 +22,9 @@ from locust.exception import StopUser
 from contract.record import RequestRecord
 from loadtest import _run
 from loadtest._run import run_of
-from loadtest._selfcheck import SelfCheck
 from loadtest._shape import SLOShape
-from loadtest._sse import SocketReads, StreamError, consume
+from loadtest._reads import SocketReads
+from loadtest._sse import StreamError, consume
 from loadtest._traffic import plan_request
 
 _run.register(events)
@@ -126,7 +126,7 @@ class ChatUser(FastHttpUser):
                         resp.failure(f"{STALE}; resent once")
                         continue
                     try:
-                        self._read(resp, rec, t0, opts.stall_timeout, self.run.selfcheck)
+                        self._read(resp, rec, t0, opts.stall_timeout)
                     except StreamError as exc:
                         rec.error = str(exc)
                     except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, parse error
@@ -141,8 +141,7 @@ class ChatUser(FastHttpUser):
         if rec.ok:
             self._fire_slo_events(rec)
 
-    @staticmethod
-    def _read(resp, rec: RequestRecord, t0: float, stall_timeout: float, selfcheck: SelfCheck) -> None:
+    def _read(self, resp, rec: RequestRecord, t0: float, stall_timeout: float) -> None:
         error = getattr(resp, "error", None)
         rec.status = resp.status_code or 0
         if rec.status >= 400:
@@ -150,11 +149,11 @@ class ChatUser(FastHttpUser):
         if error is not None:  # Locust's client caught a connection-level failure
             raise StreamError(_describe_error(error, stall_timeout))
         # FastResponse has no public stream reader: read its geventhttpclient response's socket
-        reads = SocketReads(resp._response)
+        reads = SocketReads(resp._response, self.run.reads)
         try:
-            consume(rec, reads, t0)
+            consume(rec, reads.read(stall_timeout), t0)
         finally:  # the self-check's samples, off the timed path
-            selfcheck.observe_stamp_delays(reads.delays_s)
+            self.run.selfcheck.observe_stamp_delays(reads.delays_s)
 
     def _fire_slo_events(self, rec: RequestRecord) -> None:
         """Each KPI sample as a Locust request event, so the stock tables and charts show it."""

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 
+import gevent
 import gevent.socket
 import pytest
 from geventhttpclient.response import HTTPSocketResponse
 
 from contract.record import RequestRecord
 from loadtest._selfcheck import DELAY_BIN_S, stamp_delay_p99
-from loadtest._sse import SocketReads, StreamError, consume, kernel_timestamps_on
+from loadtest._reads import ReadLoop, SocketReads, StallTimeout, kernel_timestamps_on
+from loadtest._sse import StreamError, consume
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -25,6 +26,24 @@ def _event(obj: dict | str) -> bytes:
     return b"data: " + (obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()) + b"\n\n"
 
 
+@pytest.fixture
+def loop():
+    reads = ReadLoop()
+    yield reads
+    reads.close()
+
+
+@pytest.fixture(params=["read loop", "greenlet per stream"])
+def any_loop(request):
+    """Both read paths: the epoll loop, and the fallback (TLS, no epoll) of a greenlet per stream."""
+    if request.param == "greenlet per stream":
+        yield None
+        return
+    reads = ReadLoop()
+    yield reads
+    reads.close()
+
+
 def _connected() -> tuple[gevent.socket.socket, gevent.socket.socket]:
     listener = gevent.socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -35,7 +54,7 @@ def _connected() -> tuple[gevent.socket.socket, gevent.socket.socket]:
     return client, server
 
 
-def test_a_busy_generator_stamps_the_kernels_arrival_time_and_counts_the_delay():
+def test_a_busy_generator_stamps_the_kernels_arrival_time_and_counts_the_delay(loop):
     """Bytes that wait in the kernel while the generator is busy keep their arrival time (kernel timestamps):
     the TTFT is not inflated by the 30 ms the reader was late, and the delay is counted for the self-check."""
     keeper = kernel_timestamps_on()  # as the self-check does for the run
@@ -45,15 +64,62 @@ def test_a_busy_generator_stamps_the_kernels_arrival_time_and_counts_the_delay()
     t0 = time.perf_counter()
     server.sendall(_chunked(_event({"choices": [{"delta": {"content": "a"}}]})))
     time.sleep(0.03)  # the generator is busy elsewhere: the chunk waits, its stamp is late
-    reads = SocketReads(response)
-    blocks = iter(reads)
-    first = next(blocks)
-    assert len(reads.delays_s) == 1 and reads.delays_s[0] >= 0.03  # the kernel had it >= 30 ms before the stamp
-    server.sendall(_chunked(_event("[DONE]")) + b"0\r\n\r\n")
+    gevent.get_hub().loop.update_now()  # the loop's clock, too, missed the 30 ms
+    gevent.spawn_later(0.02, server.sendall, _chunked(_event("[DONE]")) + b"0\r\n\r\n")
+    reads = SocketReads(response, loop)
+    blocks = reads.read(stall_timeout=5.0)
+    assert len(blocks) == 2 and reads.delays_s[0] >= 0.03  # the kernel had it >= 30 ms before the stamp
     rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=1)
-    consume(rec, itertools.chain([first], blocks), t0)
+    consume(rec, blocks, t0)
     assert rec.ok and rec.output_tokens == 1 and rec.ttft_s < 0.01  # sent right after t0, read 30 ms later
+    assert rec.e2e_s >= 0.045  # [DONE] came 20 ms after the late read: its own time
     for sock in (client, server, keeper):
+        sock.close()
+
+
+def test_the_loop_reads_a_burst_of_streams_each_to_its_own_end(any_loop):
+    """64 streams whose chunks are written in the same millisecond, read by the one loop: every stream gets
+    exactly its own bytes, in order, and its greenlet wakes only when its body has ended."""
+    pairs = [_connected() for _ in range(64)]
+    for _client, server in pairs:
+        server.sendall(HEAD)
+    responses = [HTTPSocketResponse(client) for client, _server in pairs]
+    readers = [gevent.spawn(SocketReads(r, any_loop).read, 5.0) for r in responses]
+    gevent.sleep(0.01)
+    for step in range(5):
+        for i, (_client, server) in enumerate(pairs):  # one burst: every stream's chunk back to back
+            server.sendall(_chunked(_event({"choices": [{"delta": {"content": f"{i}:{step}"}}]})))
+        gevent.sleep(0.005)
+    for _client, server in pairs:
+        server.sendall(_chunked(_event("[DONE]")) + b"0\r\n\r\n")
+    gevent.joinall(readers, timeout=5, raise_error=True)
+    for i, reader in enumerate(readers):
+        body = b"".join(block for _t, block in reader.value)
+        assert body == b"".join(_event({"choices": [{"delta": {"content": f"{i}:{s}"}}]}) for s in range(5)) + _event("[DONE]")
+        stamps = [t for t, _block in reader.value]
+        assert stamps == sorted(stamps)
+    for client, server in pairs:
+        client.close()
+        server.close()
+
+
+def test_a_silent_server_stalls_the_read_and_a_closed_one_ends_it(any_loop):
+    """No byte for the stall timeout raises StallTimeout (reported as a stall); a server that closes mid-body
+    ends the read with what came, and the parser then names the missing end."""
+    client, server = _connected()
+    server.sendall(HEAD + _chunked(_event({"choices": [{"delta": {"content": "a"}}]})))
+    started = time.perf_counter()
+    with pytest.raises(StallTimeout):
+        SocketReads(HTTPSocketResponse(client), any_loop).read(stall_timeout=0.2)
+    assert 0.2 <= time.perf_counter() - started < 2.0
+    client2, server2 = _connected()
+    server2.sendall(HEAD + _chunked(_event({"choices": [{"delta": {"content": "a"}}]})))
+    gevent.spawn_later(0.05, server2.close)
+    blocks = SocketReads(HTTPSocketResponse(client2), any_loop).read(stall_timeout=5.0)
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=1)
+    with pytest.raises(StreamError, match="without \\[DONE\\]"):
+        consume(rec, blocks, 0.0)
+    for sock in (client, server, client2):
         sock.close()
 
 

@@ -1,0 +1,280 @@
+"""A response body as stamped blocks, read by one loop for every stream of the process.
+
+Under load, what a read costs decides how many streams one process can hold
+and how late the last stream of a burst is read. Measured on the 2-vCPU VM
+(docs/benchmarks.md): waking for each chunk costs ~30 µs of gevent's loop;
+reading many ready sockets per wake-up costs ~9 µs a chunk. So one greenlet,
+:class:`ReadLoop`, holds every stream socket of the process in one epoll set:
+once any of them is readable it sleeps one tick (``READ_TICK_S``, 1 ms) to
+let the burst gather, then reads every readable socket in one pass: a
+non-blocking ``recvmsg``, the clock, the HTTP chunk decoder (C), two appends.
+The user's greenlet sleeps until its body has ended and wakes once per
+request, not once per chunk.
+
+The tick costs no accuracy where the kernel stamps arrivals: each read asks
+the kernel when its bytes reached the socket (``SO_TIMESTAMPNS``, the newest
+packet the read took), and that arrival time is the stamp: the clock reading
+(``time.perf_counter()``, CLOCK_MONOTONIC on Linux) moved back by the delay
+between arrival and read. The delays are kept for the self-check
+(loadtest/_selfcheck.py): a reader late by more than the gap between two
+chunks of a stream takes both in one read, and the older one then carries the
+newer one's time (so with the tick, chunks less than ~1 ms apart share a
+stamp). Where there is no epoll or no kernel stamp (TLS, non-Linux), each
+stream is read by its own greenlet and stamped by the clock.
+"""
+
+from __future__ import annotations
+
+import re
+import select
+import socket
+import ssl
+import struct
+import time
+from typing import Callable
+
+import gevent
+import gevent.monkey
+import gevent.socket
+import gevent.ssl
+from gevent.event import Event
+
+Clock = Callable[[], float]
+Block = tuple[float, bytes]  # (stamp, bytes one read delivered)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python does not export it
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+READ_TICK_S = 0.001  # how long the read loop lets a burst gather (bounds the error where the kernel gives no stamp)
+_unpack_timespec, _wall_ns, _REALTIME = _TIMESPEC.unpack_from, time.clock_gettime_ns, time.CLOCK_REALTIME
+_DONE_LINE = re.compile(rb"^[ \t\r]*data:[ \t]*\[DONE\][ \t\r]*$", re.MULTILINE)
+
+
+class StallTimeout(TimeoutError):
+    """No byte of the body arrived for the stall timeout."""
+
+
+def kernel_timestamps_on() -> socket.socket:
+    """A socket that asks for receive timestamps; keep it open for the run.
+
+    Linux stamps incoming packets only while some socket asks for it, so
+    without this the bytes that reach a fresh connection before its own flag
+    is set (its first request's) would carry no kernel time.
+    """
+    keeper = socket.socket()
+    keeper.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    return keeper
+
+
+class ReadLoop:
+    """Reads every registered stream's socket, one tick after the first of a burst became readable.
+
+    One per load-test process (it belongs to the run: loadtest/_run.py). Its greenlet
+    sleeps in gevent while no socket is readable, so an idle run costs nothing.
+    """
+
+    def __init__(self, tick_s: float = READ_TICK_S) -> None:
+        self.tick_s = tick_s
+        self._epoll = _original_epoll()()
+        self._streams: dict[int, _Stream] = {}
+        self._greenlet = gevent.spawn(self._run)
+
+    def add(self, stream: _Stream) -> None:
+        fd = stream.raw.fileno()
+        self._streams[fd] = stream
+        self._epoll.register(fd, select.EPOLLIN)
+
+    def remove(self, stream: _Stream) -> None:
+        fd = stream.raw.fileno()
+        if self._streams.get(fd) is stream:
+            del self._streams[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # closed already: the kernel dropped it from the set
+                pass
+
+    def close(self) -> None:
+        self._greenlet.kill()
+        self._epoll.close()
+
+    def _run(self) -> None:
+        epoll, streams = self._epoll, self._streams
+        while True:
+            gevent.socket.wait_read(epoll.fileno())  # some stream socket is readable
+            gevent.sleep(self.tick_s)  # the rest of the burst arrives meanwhile; the kernel stamps each
+            for fd, _events in epoll.poll(0):
+                stream = streams.get(fd)
+                if stream is not None:
+                    stream.on_readable()
+
+
+def _original_epoll():
+    """select.epoll as the OS gives it (gevent's monkey patching hides it; None without epoll)."""
+    try:
+        return gevent.monkey.get_original("select", "epoll")
+    except AttributeError:
+        return None
+
+
+def read_loop() -> ReadLoop | None:
+    """A ReadLoop where the platform has epoll, else None (streams are then read by their own greenlets)."""
+    return ReadLoop() if _original_epoll() is not None else None
+
+
+class SocketReads:
+    """Reads one response's body to its end and returns it as stamped blocks.
+
+    ``response`` is geventhttpclient's ``HTTPSocketResponse`` (what Locust's
+    FastResponse wraps): its socket, its HTTP parser (``feed``, which also
+    undoes chunked encoding into ``_body_buffer``) and ``message_complete``.
+    Reading stops at the end of the body, when the server closes, or at a
+    ``[DONE]`` line. ``delays_s`` collects each read's delay from the kernel's
+    receive time to the read (both on CLOCK_REALTIME), by which its stamp was
+    moved back; empty where the kernel gives none (TLS, non-Linux: stamps are
+    then the read's own time).
+    """
+
+    def __init__(self, response, loop: ReadLoop | None, clock: Clock = time.perf_counter) -> None:
+        self.response = response
+        self.loop = loop
+        self.clock = clock
+        self.delays_s: list[float] = []
+        self.blocks: list[Block] = []
+
+    def read(self, stall_timeout: float) -> list[Block]:
+        """Every block of the body; raises what broke the read (StallTimeout after ``stall_timeout`` s of silence)."""
+        resp = self.response
+        self._take_buffered(self.clock())  # arrived with the headers
+        sock = resp._sock
+        try:
+            if sock is None or resp.message_complete or self._done():
+                return self.blocks
+            if self.loop is None or isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)):  # recvmsg would bypass TLS
+                self._read_in_greenlet(sock, stall_timeout)
+            else:
+                _Stream(self, sock).wait(self.loop, stall_timeout)
+                self._finish_after_done(sock._sock)
+        finally:  # back to the pool when the body ended and the server keeps the connection; else closed
+            resp.release()
+        return self.blocks
+
+    def _finish_after_done(self, raw: socket.socket) -> None:
+        """After ``[DONE]``, take the end of the body if it is already here, so the connection can be reused.
+
+        Servers write the chunked body's terminator right after ``[DONE]``; a read that stopped
+        between the two would leave the connection unusable (closed, and the next request pays a
+        new connection), as no client that reads to the end of the body does.
+        """
+        resp = self.response
+        if resp.message_complete or resp._sock is None:
+            return
+        try:
+            data = raw.recv(resp.block_size)
+        except OSError:  # not here yet (BlockingIOError), or the connection broke: closed at release
+            return
+        if data:
+            resp.feed(data)
+            del resp._body_buffer[:]  # after [DONE]: nothing there is read
+
+    def take(self, data: bytes, t: float) -> bool:
+        """Feed one read's bytes, stamped ``t``; True once the body has ended."""
+        resp = self.response
+        if not data:
+            return True
+        resp.feed(data)
+        self._take_buffered(t)
+        return resp.message_complete or self._done()
+
+    def _take_buffered(self, t: float) -> None:
+        buffered = self.response._body_buffer
+        if buffered:
+            self.blocks.append((t, bytes(buffered)))
+            del buffered[:]
+
+    def _done(self) -> bool:
+        """Did the newest block bring a ``data: [DONE]`` line (cheap substring test first)?"""
+        if not self.blocks or b"[DONE]" not in self.blocks[-1][1]:
+            return False
+        return has_done_line(b"".join(block for _t, block in self.blocks))
+
+    def _read_in_greenlet(self, sock, stall_timeout: float) -> None:
+        """TLS or no epoll: the socket's own blocking reads, stamped by the clock."""
+        size, clock = self.response.block_size, self.clock
+        while True:
+            with gevent.Timeout(stall_timeout, StallTimeout(f"timed out: no byte for {stall_timeout:g} s")):
+                data = sock.recv(size)
+            if self.take(data, clock()):
+                return
+
+
+def has_done_line(body: bytes | bytearray) -> bool:
+    """Has a ``data: [DONE]`` line (any spacing) arrived?"""
+    return _DONE_LINE.search(body) is not None
+
+
+class _Stream:
+    """One body being read by the ReadLoop, which calls :meth:`on_readable` when its socket is readable."""
+
+    def __init__(self, reads: SocketReads, sock) -> None:
+        self.reads = reads
+        self.raw = sock._sock  # gevent's wrapper holds the real, non-blocking socket
+        self.size = reads.response.block_size
+        self.clock = reads.clock
+        self.last_read = reads.clock()
+        self.error: BaseException | None = None
+        self.ended = Event()
+        self.kernel_stamps = _ask_for_kernel_stamps(self.raw)
+
+    def wait(self, loop: ReadLoop, stall_timeout: float) -> None:
+        """Sleep until the body ended, the read broke, or no byte came for ``stall_timeout`` s."""
+        loop.add(self)
+        try:
+            while not self.ended.wait(max(0.0, self.last_read + stall_timeout - self.clock())):
+                if self.clock() - self.last_read >= stall_timeout:
+                    raise StallTimeout(f"timed out: no byte for {stall_timeout:g} s")
+        finally:
+            loop.remove(self)
+        if self.error is not None:
+            raise self.error
+
+    def on_readable(self) -> None:
+        """Read what is there, stamp it first, feed it; never raises into the loop."""
+        if self.ended.is_set():
+            return
+        try:
+            if self.kernel_stamps:
+                data, ancillary, _flags, _addr = self.raw.recvmsg(self.size, _ANCILLARY)
+                t = self.last_read = self.clock()
+                late = self._late(ancillary) if ancillary else 0.0
+            else:
+                data = self.raw.recv(self.size)
+                t = self.last_read = self.clock()
+                late = 0.0
+            if self.reads.take(data, t - late):
+                self.ended.set()
+        except BlockingIOError:
+            return
+        except Exception as exc:  # reset, parse error: the user's greenlet raises it
+            self.error = exc
+            self.ended.set()
+
+    def _late(self, ancillary: list) -> float:
+        """Seconds since the kernel had the newest bytes of this read (0 where it did not say).
+
+        The only control message asked for is the receive timestamp, so it is the first one.
+        """
+        now = _wall_ns(_REALTIME)
+        level, kind, raw = ancillary[0]
+        if kind != SO_TIMESTAMPNS or level != socket.SOL_SOCKET or len(raw) < _TIMESPEC.size:
+            return 0.0
+        sec, nsec = _unpack_timespec(raw)
+        late = max(0.0, (now - sec * 1_000_000_000 - nsec) * 1e-9)
+        self.reads.delays_s.append(late)
+        return late
+
+
+def _ask_for_kernel_stamps(raw: socket.socket) -> bool:
+    try:
+        raw.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
