@@ -35,7 +35,6 @@ from typing import Callable
 
 import gevent
 import gevent.monkey
-import gevent.socket
 import gevent.ssl
 from gevent.event import Event
 
@@ -97,9 +96,10 @@ class ReadLoop:
         self._epoll.close()
 
     def _run(self) -> None:
-        epoll, streams = self._epoll, self._streams
+        epoll, streams, hub = self._epoll, self._streams, gevent.get_hub()
+        readable = hub.loop.io(epoll.fileno(), 1)
         while True:
-            gevent.socket.wait_read(epoll.fileno())  # some stream socket is readable
+            hub.wait(readable)  # some stream socket is readable
             gevent.sleep(self.tick_s)  # the rest of the burst arrives meanwhile; the kernel stamps each
             for fd, _events in epoll.poll(0):
                 stream = streams.get(fd)
@@ -194,7 +194,8 @@ class SocketReads:
         """Did the newest block bring a ``data: [DONE]`` line (cheap substring test first)?"""
         if not self.blocks or b"[DONE]" not in self.blocks[-1][1]:
             return False
-        return has_done_line(b"".join(block for _t, block in self.blocks))
+        body = b"".join(block for _t, block in self.blocks)
+        return has_done_line(body, since=len(body) - len(self.blocks[-1][1]))
 
     def _read_in_greenlet(self, sock, stall_timeout: float) -> None:
         """TLS or no epoll: the socket's own blocking reads, stamped by the clock."""
@@ -206,9 +207,9 @@ class SocketReads:
                 return
 
 
-def has_done_line(body: bytes | bytearray) -> bool:
-    """Has a ``data: [DONE]`` line (any spacing) arrived?"""
-    return _DONE_LINE.search(body) is not None
+def has_done_line(body: bytes | bytearray, since: int = 0) -> bool:
+    """Has a ``data: [DONE]`` line (any spacing) arrived, in a line that ends at or after offset ``since``?"""
+    return _DONE_LINE.search(body, body.rfind(b"\n", 0, since) + 1) is not None
 
 
 class _Stream:

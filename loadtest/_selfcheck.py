@@ -39,6 +39,7 @@ class SelfCheck:
         self.loop_lag_s: list[float] = []
         self.cpu_percent: list[float] = []
         self.stamp_delay_bins: Counter[int] = Counter()
+        self._unbinned_delays: list[float] = []
         self._greenlet: gevent.Greenlet | None = None
         self._proc = psutil.Process()
         self._cpu_at_reset = 0.0
@@ -50,10 +51,19 @@ class SelfCheck:
         self._cpu_at_reset = self._cpu_seconds()
 
     def observe_stamp_delays(self, delays_s: list[float]) -> None:
-        """Add one stream's socket-arrival-to-stamp delays (called after the stream, off the timed path)."""
-        bins = self.stamp_delay_bins
-        for d in delays_s:
-            bins[min(DELAY_BINS, max(0, int(d / DELAY_BIN_S)))] += 1
+        """Add one stream's socket-arrival-to-stamp delays (called after the stream, off the timed path).
+
+        Kept as they are until the next tick bins them all at once (numpy): per read this is one list append.
+        """
+        self._unbinned_delays.extend(delays_s)
+
+    def _bin_delays(self) -> None:
+        if not self._unbinned_delays:
+            return
+        bins = np.minimum((np.asarray(self._unbinned_delays) / DELAY_BIN_S).astype(np.int64), DELAY_BINS)
+        self._unbinned_delays = []
+        for b, n in zip(*np.unique(np.maximum(bins, 0), return_counts=True)):
+            self.stamp_delay_bins[int(b)] += int(n)
 
     def _cpu_seconds(self) -> float:
         times = self._proc.cpu_times()
@@ -79,6 +89,7 @@ class SelfCheck:
             n += 1
             if n % CPU_EVERY == 0:
                 self.cpu_percent.append(proc.cpu_percent(None))
+                self._bin_delays()
 
     def drain(self) -> dict[str, list[float]]:
         """Samples since the last drain, and CPU seconds used since reset (for shipping to the master)."""
@@ -88,6 +99,7 @@ class SelfCheck:
 
     def snapshot(self) -> dict[str, list[float]]:
         """Samples so far without draining (single-process runs keep them here)."""
+        self._bin_delays()
         return {"loop_lag_s": list(self.loop_lag_s), "cpu_percent": list(self.cpu_percent),
                 "cpu_seconds": [self._cpu_seconds() - self._cpu_at_reset],
                 "stamp_delay_bins": [[b, n] for b, n in self.stamp_delay_bins.items()]}

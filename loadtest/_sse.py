@@ -12,7 +12,6 @@ one implementation.
 
 from __future__ import annotations
 
-import bisect
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -62,7 +61,7 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
         data += block
         stamps.append(t)
         ends.append(len(data))
-        if b"[DONE]" in block and has_done_line(data):
+        if b"[DONE]" in block and has_done_line(data, since=len(data) - len(block)):
             break
     record.response_bytes += len(data)
     _no_later_than_the_next(stamps)
@@ -86,14 +85,17 @@ def _no_later_than_the_next(stamps: list[float]) -> None:
             stamps[i] = stamps[i + 1]
 
 
-def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> Iterator[tuple[float, bytes]]:
-    """Each line with the stamp of the read that delivered its last byte."""
-    start = 0
-    while start < len(data):
-        stop = data.find(b"\n", start)
-        stop = len(data) if stop < 0 else stop + 1
-        yield stamps[bisect.bisect_left(ends, stop)], bytes(data[start:stop])
-        start = stop
+def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> list[tuple[float, bytes]]:
+    """Each non-blank line with the stamp of the read that delivered its last byte (its ``\\n``)."""
+    out = []
+    size, read, stop = len(data), 0, 0
+    for line in bytes(data).split(b"\n"):
+        stop += len(line) + 1
+        if line and line != b"\r":
+            while ends[read] < min(stop, size):
+                read += 1
+            out.append((stamps[read], line))
+    return out
 
 
 def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | None, float | None]:
@@ -110,18 +112,14 @@ def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | N
     usage: dict | None = None
     finished_at: float | None = None
     for t, line in lines:
-        stripped = line.strip()
-        if not stripped or stripped.startswith(b":"):
-            continue
-        if not stripped.startswith(b"data:"):
-            if stripped.split(b":", 1)[0] in (b"event", b"id", b"retry"):
+        if line.startswith(b"data: {"):  # the usual chunk: JSON allows the trailing \r or spaces
+            payload = line[6:]
+        else:
+            payload = _data_field(line)
+            if payload is None:
                 continue
-            raise StreamError(f"malformed SSE line: {stripped[:80].decode('utf-8', 'replace')!r}")
-        payload = stripped[5:].strip()
-        if not payload:
-            continue
-        if payload == b"[DONE]":
-            return events, usage, t
+            if payload == b"[DONE]":
+                return events, usage, t
         obj = _json_object(payload)
         if "error" in obj:
             raise StreamError(f"error mid-stream: {_error_text(obj)}")
@@ -138,6 +136,18 @@ def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | N
         if finished_at is not None:
             finished_at = t  # a usage-only chunk may follow the finishing one
     return events, usage, finished_at
+
+
+def _data_field(line: bytes) -> bytes | None:
+    """The payload of a ``data:`` line, stripped; None for lines that carry none (blank, comment, other field)."""
+    stripped = line.strip()
+    if not stripped or stripped.startswith(b":"):
+        return None
+    if not stripped.startswith(b"data:"):
+        if stripped.split(b":", 1)[0] in (b"event", b"id", b"retry"):
+            return None
+        raise StreamError(f"malformed SSE line: {stripped[:80].decode('utf-8', 'replace')!r}")
+    return stripped[5:].strip() or None
 
 
 def _json_object(payload: bytes) -> dict:

@@ -191,3 +191,14 @@ def test_a_block_stamped_later_than_the_next_one_is_capped_at_it():
     rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=1)
     consume(rec, iter([(2.0, token), (1.5, _event("[DONE]"))]), t0=1.0)
     assert rec.ok and rec.ttft_s == 0.5 and rec.e2e_s == 0.5
+
+
+def test_the_self_check_bins_every_stamping_delay_it_was_given():
+    from loadtest._selfcheck import DELAY_BINS, SelfCheck
+
+    check = SelfCheck()
+    check.observe_stamp_delays([0.0, 0.00005, 0.00025])
+    check.observe_stamp_delays([2.0])  # beyond the last bin: kept in it
+    assert sorted(check.snapshot()["stamp_delay_bins"]) == [[0, 2], [2, 1], [DELAY_BINS, 1]]
+    assert sorted(check.drain()["stamp_delay_bins"]) == [[0, 2], [2, 1], [DELAY_BINS, 1]]
+    assert check.snapshot()["stamp_delay_bins"] == []
