@@ -95,16 +95,28 @@ class ReadLoop:
         self._greenlet.kill()
         self._epoll.close()
 
+    def read_ready(self) -> None:
+        """Read every stream socket that is readable now; never switches greenlets.
+
+        Besides the loop's own ticks, users call this between the steps of their per-request
+        work. gevent runs woken greenlets in turn, up to 50 before it looks at sockets and
+        timers again, so when hundreds of requests end in the same millisecond the loop would
+        wait behind all their parsing and bookkeeping (~0.5 ms each); with this, a read waits
+        behind one user's step at most.
+        """
+        streams = self._streams
+        for fd, _events in self._epoll.poll(0):
+            stream = streams.get(fd)
+            if stream is not None:
+                stream.on_readable()
+
     def _run(self) -> None:
-        epoll, streams, hub = self._epoll, self._streams, gevent.get_hub()
-        readable = hub.loop.io(epoll.fileno(), 1)
+        hub = gevent.get_hub()
+        readable = hub.loop.io(self._epoll.fileno(), 1)
         while True:
             hub.wait(readable)  # some stream socket is readable
             gevent.sleep(self.tick_s)  # the rest of the burst arrives meanwhile; the kernel stamps each
-            for fd, _events in epoll.poll(0):
-                stream = streams.get(fd)
-                if stream is not None:
-                    stream.on_readable()
+            self.read_ready()
 
 
 def _original_epoll():

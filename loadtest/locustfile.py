@@ -149,11 +149,17 @@ class ChatUser(FastHttpUser):
         if error is not None:  # Locust's client caught a connection-level failure
             raise StreamError(_describe_error(error, stall_timeout))
         # FastResponse has no public stream reader: read its geventhttpclient response's socket
-        reads = SocketReads(resp._response, self.run.reads)
+        loop = self.run.reads
+        reads = SocketReads(resp._response, loop)
         try:
-            consume(rec, reads.read(stall_timeout), t0)
+            blocks = reads.read(stall_timeout)
+            if loop is not None:  # other streams' chunks first: this user's work below waits, theirs would not
+                loop.read_ready()
+            consume(rec, blocks, t0)
         finally:  # the self-check's samples, off the timed path
             self.run.selfcheck.observe_stamp_delays(reads.delays_s)
+            if loop is not None:
+                loop.read_ready()
 
     def _fire_slo_events(self, rec: RequestRecord) -> None:
         """Each KPI sample as a Locust request event, so the stock tables and charts show it."""
