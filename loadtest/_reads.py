@@ -78,12 +78,11 @@ class ReadLoop:
         self._greenlet = gevent.spawn(self._run)
 
     def add(self, stream: _Stream) -> None:
-        fd = stream.raw.fileno()
-        self._streams[fd] = stream
-        self._epoll.register(fd, select.EPOLLIN)
+        self._streams[stream.fd] = stream
+        self._epoll.register(stream.fd, select.EPOLLIN)
 
     def remove(self, stream: _Stream) -> None:
-        fd = stream.raw.fileno()
+        fd = stream.fd  # as registered: a closed socket's fileno() is -1
         if self._streams.get(fd) is stream:
             del self._streams[fd]
             try:
@@ -230,6 +229,7 @@ class _Stream:
     def __init__(self, reads: SocketReads, sock) -> None:
         self.reads = reads
         self.raw = sock._sock  # gevent's wrapper holds the real, non-blocking socket
+        self.fd = self.raw.fileno()
         self.size = reads.response.block_size
         self.clock = reads.clock
         self.last_read = reads.clock()
