@@ -16,16 +16,27 @@ from typing import Any
 import psutil
 
 
+LATE_BIND_PORTS = range(20000, 30000)
+"""Where to pick a port that another program binds later: below Linux's ephemeral range
+(32768-60999, what the kernel gives every bind to port 0 and every outgoing connection, Ray's
+many processes included, so a kernel-picked port can be taken before its owner binds it; a full
+test run once saw Ray's metrics answer on the port picked for Locust), above Ray's worker
+ports (10002-19999), apart from Serve's direct-ingress replica ports (30000-31000)."""
+
+_handed_out: set[int] = set()  # this process's picks in a range: two picks before either binds never coincide
+
+
 def free_port(within: range | None = None) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now: the kernel's pick, or a
-    random free one of ``within`` (for a port another program binds later, on every interface:
-    a pick from the kernel's ephemeral range may meanwhile become some connection's source port)."""
+    """A TCP port that nothing listens on right now: the kernel's pick (for a socket bound at
+    once), or a random free one of ``within`` not handed out before by this process (for a port
+    another program binds later, on every interface: pass :data:`LATE_BIND_PORTS`)."""
     if within is None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             return sock.getsockname()[1]
     for port in random.sample(within, min(len(within), 64)):
-        if not port_taken("0.0.0.0", port):
+        if port not in _handed_out and not port_taken("0.0.0.0", port):
+            _handed_out.add(port)
             return port
     raise OSError(f"no free port in {within.start}-{within.stop - 1}")
 

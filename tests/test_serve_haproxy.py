@@ -23,7 +23,7 @@ from openai import OpenAI
 
 from conftest import SERVE_ADMIN_TOKEN, SERVE_TIME_SCALE, ServeApp, _serve_process, free_port
 from contract import names
-from serve.cli import HAPROXY_SIDE_PORTS
+from serve.processes import LATE_BIND_PORTS
 from test_serve_metrics import scrape, wait_for
 
 
@@ -58,7 +58,7 @@ def test_haproxy_answers_on_the_port_with_this_servers_own_files_and_ports(hapro
     assert any(d.name.startswith("llmslo-serve-") for d in config.parents), config  # not Ray's /tmp/haproxy-serve
     binds = [line.split()[1] for line in config.read_text().splitlines() if line.strip().startswith("bind")]
     side = [int(b.rsplit(":", 1)[1]) for b in binds if not b.endswith(f":{_port(haproxy_app)}")]
-    assert side and all(p in HAPROXY_SIDE_PORTS for p in side), binds  # stats and metrics: outside the ephemeral range
+    assert side and all(p in LATE_BIND_PORTS for p in side), binds  # stats and metrics: outside the ephemeral range
 
 
 def test_openai_client_streams_and_bad_input_is_an_openai_4xx(haproxy_app):

@@ -18,6 +18,7 @@ from serve.engines.base import Delta, EngineOOMError, Finish, GenerationRequest,
 from serve.engines.simulated import SimulatedEngine
 from serve.faults import FaultSpec, FaultState
 from serve.media import mp3_info
+from serve.processes import LATE_BIND_PORTS, free_port
 from serve.settings import AppSettings
 from test_serve_api import mp3_b64
 
@@ -287,3 +288,11 @@ def test_the_server_counts_each_first_token_against_its_own_slo_budget(modality,
     rec.first_token = rec.last_token = rec.started + ttft_s
     rec.close(200)
     assert rec.metrics.ttft_budget.calls == [(1, {"model": "m", "outcome": outcome})]
+
+
+def test_ports_for_later_binds_are_outside_the_ephemeral_range_and_never_repeat():
+    """Ports handed to programs that bind them later (the stack's services, Ray's side ports) must not be
+    the kernel's picks, which any process may take meanwhile, nor one another's."""
+    ports = [free_port(LATE_BIND_PORTS) for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+    assert all(20000 <= p < 30000 for p in ports)

@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,6 +38,7 @@ from serve.engines.base import (
     GenerationRequest,
     Message,
 )
+from serve.processes import LATE_BIND_PORTS, free_port
 
 OOM_MARKERS = ("out of memory", "out_of_memory", "outofmemory")
 READY_TIMEOUT_S = 2.0
@@ -147,7 +147,7 @@ class UpstreamEngine:
 
     async def _launch(self, launch: LaunchOptions) -> None:
         """Start ``vllm serve`` and wait for its /health; it shares this replica's GPUs."""
-        port = launch.port or _free_port()
+        port = launch.port or free_port(LATE_BIND_PORTS)
         # its own process group: shutdown() can then reach vLLM's worker processes too
         self._process = await asyncio.create_subprocess_exec(*launch_command(launch, self.model_id, port),
                                                              start_new_session=True)
@@ -259,9 +259,3 @@ class UpstreamEngine:
             completion_tokens=(usage or {}).get("completion_tokens", produced),
             reasoning_tokens=details.get("reasoning_tokens") or 0,
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
