@@ -23,7 +23,7 @@ import yaml
 
 from llmslo.supervisor import ROOT, Service
 from loadtest._headless import locust_argv
-from serve.processes import LATE_BIND_PORTS, free_port
+from serve.processes import free_port
 
 APT_HINT = {
     "prometheus": "sudo apt-get install prometheus",
@@ -48,7 +48,7 @@ class Ports:
     @classmethod
     def free(cls) -> Ports:
         """Any free ports: for tests and the demo, which must not collide with anything."""
-        return cls(**{name: free_port(LATE_BIND_PORTS) for name in cls.__dataclass_fields__})
+        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
 
 
 def prometheus_config(
@@ -182,12 +182,12 @@ class RayCluster:
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
             # the head's autoscaler and dashboard export metrics on fixed ports (44217, 44227) that a
             # second cluster on the host cannot bind; Ray's discovery file lists them either way
-            "AUTOSCALER_METRIC_PORT": str(free_port(LATE_BIND_PORTS)),
-            "DASHBOARD_METRIC_PORT": str(free_port(LATE_BIND_PORTS)),
+            "AUTOSCALER_METRIC_PORT": str(free_port()),
+            "DASHBOARD_METRIC_PORT": str(free_port()),
         }
         export_env_vars(app_config(parse_args(serve_args))[1], env)  # Serve's settings reach every node's processes
         temp_dir = Path(tempfile.mkdtemp(prefix="llmslo-ray-"))
-        return cls(ports, node_cpus, temp_dir, [free_port(LATE_BIND_PORTS) for _ in range(nodes - 1)], env)
+        return cls(ports, node_cpus, temp_dir, [free_port() for _ in range(nodes - 1)], env)
 
     @property
     def address(self) -> str:
@@ -201,7 +201,7 @@ class RayCluster:
     def _node_args(self, metrics_port: int) -> list[str]:
         cpus = ["--num-cpus", f"{self.node_cpus:g}"] if self.node_cpus is not None else []
         return ["--block", "--metrics-export-port", str(metrics_port),
-                "--dashboard-agent-listen-port", str(free_port(LATE_BIND_PORTS)), "--disable-usage-stats", *cpus]
+                "--dashboard-agent-listen-port", str(free_port()), "--disable-usage-stats", *cpus]
 
     def services(self) -> list[Service]:
         ray = str(Path(sys.executable).with_name("ray"))
@@ -210,7 +210,7 @@ class RayCluster:
             [ray, "start", "--head", "--port", str(self.ports.ray_gcs), "--temp-dir", str(self.temp_dir),
              "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
              "--dashboard-port", str(self.ports.ray_dashboard),
-             "--ray-client-server-port", str(free_port(LATE_BIND_PORTS)),
+             "--ray-client-server-port", str(free_port()),
              *self._node_args(self.ports.ray_metrics)],
             ready_url=f"http://127.0.0.1:{self.ports.ray_dashboard}/api/gcs_healthz",
             url=f"http://127.0.0.1:{self.ports.ray_dashboard}  (Ray dashboard; GCS {self.address})",

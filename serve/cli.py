@@ -123,7 +123,7 @@ def haproxy_env(environ: MutableMapping[str, str]) -> Path | None:
     socket and server state; ports 9101 for HAProxy's metrics and 8404 for its stats page,
     both bound on every interface): a second server on the same host (a test next to another,
     a demo next to a stack) would overwrite the first one's config or fail to bind."""
-    from serve.processes import LATE_BIND_PORTS, free_port
+    from serve.processes import free_port
 
     if environ.get(HAPROXY_FLAG) != "1":
         return None
@@ -133,11 +133,11 @@ def haproxy_env(environ: MutableMapping[str, str]) -> Path | None:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": run_dir / "admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": run_dir / "server-state",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(LATE_BIND_PORTS),
-        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(LATE_BIND_PORTS),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": free_port(),
+        "RAY_SERVE_HAPROXY_STATS_PORT": free_port(),
         # Ray's proxy stays on as HAProxy's fallback, on fixed ports by default (8500, 9500)
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": free_port(LATE_BIND_PORTS),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": free_port(LATE_BIND_PORTS),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": free_port(),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": free_port(),
     }.items():
         environ.setdefault(key, str(value))
     return run_dir

@@ -26,14 +26,10 @@ ports (10002-19999), apart from Serve's direct-ingress replica ports (30000-3100
 _handed_out: set[int] = set()  # this process's picks in a range: two picks before either binds never coincide
 
 
-def free_port(within: range | None = None) -> int:
-    """A TCP port that nothing listens on right now: the kernel's pick (for a socket bound at
-    once), or a random free one of ``within`` not handed out before by this process (for a port
-    another program binds later, on every interface: pass :data:`LATE_BIND_PORTS`)."""
-    if within is None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+def free_port(within: range = LATE_BIND_PORTS) -> int:
+    """A TCP port that nothing listens on right now and that this process has not handed out
+    before: a random one of ``within``. Nearly every caller hands it to a program that binds it
+    later (a server, Ray, Prometheus, Locust), hence the range: see :data:`LATE_BIND_PORTS`."""
     for port in random.sample(within, min(len(within), 64)):
         if port not in _handed_out and not port_taken("0.0.0.0", port):
             _handed_out.add(port)

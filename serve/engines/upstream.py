@@ -38,7 +38,7 @@ from serve.engines.base import (
     GenerationRequest,
     Message,
 )
-from serve.processes import LATE_BIND_PORTS, free_port
+from serve.processes import free_port
 
 OOM_MARKERS = ("out of memory", "out_of_memory", "outofmemory")
 READY_TIMEOUT_S = 2.0
@@ -147,7 +147,7 @@ class UpstreamEngine:
 
     async def _launch(self, launch: LaunchOptions) -> None:
         """Start ``vllm serve`` and wait for its /health; it shares this replica's GPUs."""
-        port = launch.port or free_port(LATE_BIND_PORTS)
+        port = launch.port or free_port()
         # its own process group: shutdown() can then reach vLLM's worker processes too
         self._process = await asyncio.create_subprocess_exec(*launch_command(launch, self.model_id, port),
                                                              start_new_session=True)
