@@ -38,6 +38,12 @@ def split(rec: RequestRecord) -> dict[str, float] | None:
     }
 
 
+def overhead(rec: RequestRecord) -> float | None:
+    """Serving-path TTFT overhead: client TTFT minus the engine's own (queue + prefill); None without timing."""
+    hops = split(rec)
+    return None if hops is None else hops["client_network"] + hops["routing"] + hops["relay"]
+
+
 def by_level(records: list[RequestRecord]) -> dict[int, dict]:
     """Per level: how many requests carried timing, and p50/p95 of each hop (seconds, exact)."""
     out: dict[int, dict] = {}

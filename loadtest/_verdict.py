@@ -36,6 +36,7 @@ import numpy as np
 
 from contract.record import RequestRecord
 from contract.slo import SLOConfig
+from loadtest._hops import overhead
 from loadtest._stats import Estimate, Status, judge
 
 MISS = math.inf
@@ -170,7 +171,19 @@ def _samples(records: list[RequestRecord], slo: SLOConfig) -> dict[str, list[flo
     }
     if "stream_max_gap_p99" in slo.kpis:  # streams of at least two chunks; a failed stream froze for good
         out["stream_max_gap_p99"] = [max_gap(r) if r.ok else MISS for r in records if not r.ok or r.itl_s]
+    if "ttft_overhead_p50" in slo.kpis:
+        out["ttft_overhead_p50"] = _overheads(records)
     return out
+
+
+def _overheads(records: list[RequestRecord]) -> list[float]:
+    """Each request's serving-path TTFT overhead (loadtest/_hops.py), a failed one a miss.
+
+    Only a server that reports per-hop timing (an llmslo server) has one: without any, no
+    samples (NOT MEASURED), and the failures alone are not judged as overhead.
+    """
+    measured = [o for r in records if r.ok and (o := overhead(r)) is not None]
+    return measured + [MISS for r in records if not r.ok] if measured else []
 
 
 def meets_slo(r: RequestRecord, slo: SLOConfig) -> bool:
@@ -245,11 +258,12 @@ def judge_errors(records: list[RequestRecord], slo: SLOConfig) -> dict:
             "status": "PASS" if kpi.passes(ratio) else "FAIL", "note": f"{failed} of {len(records)} failed"}
 
 
-CLIENT_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "stream_max_gap_p99")
+CLIENT_KPIS = ("ttft_p95", "e2e_short_p95", "decode_tokens_per_s_p10", "output_tokens_per_s_mean", "stream_max_gap_p99",
+               "ttft_overhead_p50")
 
 
 def client_kpis(slo: SLOConfig) -> tuple[str, ...]:
-    """The client KPIs this slo.yaml defines (stream_max_gap_p99 is optional)."""
+    """The client KPIs this slo.yaml defines (stream_max_gap_p99 and ttft_overhead_p50 are optional)."""
     return tuple(name for name in CLIENT_KPIS if name in slo.kpis)
 
 

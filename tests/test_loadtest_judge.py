@@ -220,3 +220,30 @@ def test_client_metrics_count_attainment_and_goodput_by_the_judges_definition():
     assert value(names.CLIENT_SLO_REQUESTS, traffic_class="text", outcome="missed") == 2
     assert value(names.CLIENT_GOOD_TOKENS, traffic_class="image") == image.output_tokens
     assert value(names.CLIENT_GOOD_TOKENS, traffic_class="text") is None
+
+
+def test_ttft_overhead_is_client_ttft_minus_the_engines_shown_but_not_enforced():
+    """Serving-path overhead = client TTFT - (engine queue + prefill), from the server's own per-hop timing;
+    a failed request is a miss; without any timing (a third-party server) it is NOT MEASURED, never guessed."""
+    from contract import timing as T
+
+    def timed(r: RequestRecord, routing: float, queue: float, first_token: float, first_byte: float) -> RequestRecord:
+        r.server_timing = {T.INGRESS_RECEIVED_UNIX: 1.0, T.REPLICA_STARTED: routing, T.ENGINE_QUEUE_WAIT: queue,
+                           T.ENGINE_FIRST_TOKEN: first_token, T.INGRESS_FIRST_BYTE: first_byte}
+        return r
+
+    level = healthy_level(TARGET)
+    for r in level:  # engine: 5 ms queue + 95 ms prefill after 20 ms of routing; 2 ms relay; client TTFT 0.15 s
+        timed(r, routing=0.02, queue=0.005, first_token=0.12, first_byte=0.122)
+        r.ttft_s = 0.15
+    result, kpis, levels = judge(level)
+    row = kpis["ttft_overhead_p50"]
+    assert row["value"] == pytest.approx(0.15 - 0.005 - 0.095) and row["enforced"] is False
+    assert row["status"] == "FAIL" and result == "PASS" and levels[0]["status"] == "PASS"  # 50 ms > 10 ms, not enforced
+    fast = healthy_level(TARGET)
+    for r in fast:
+        timed(r, routing=0.001, queue=0.0, first_token=0.141, first_byte=0.1415)
+        r.ttft_s = 0.145
+    assert judge(fast)[1]["ttft_overhead_p50"]["status"] == "PASS"  # 4.5 ms
+    _, untimed, _ = judge(healthy_level(TARGET) + [rec(TARGET, ok=False)])
+    assert untimed["ttft_overhead_p50"]["status"] is None and untimed["ttft_overhead_p50"]["value"] is None
