@@ -23,7 +23,6 @@ from contract.timing import USAGE_KEY as TIMING_KEY
 from loadtest._reads import Block, Clock, has_done_line
 
 
-
 class StreamError(Exception):
     """The stream broke; the message says how, in words for the report."""
 
