@@ -19,8 +19,9 @@ Per pattern and level N it reports:
 - achieved vs target concurrency (time-average requests in flight at the level);
 - generator CPU-seconds per 1,000 streamed chunks (the process's user+system
   CPU over the run, from its self-check);
-- the self-check's stamping delay p99 bound and loop lag p99, and whether it
-  marked the run invalid.
+- the self-check's stamping delay p99 bound and loop lag p99, the share of
+  tokens (and of first tokens) read late together with the next one, and
+  whether it marked the run invalid.
 
 Not a test: run by hand, write the table into docs/benchmarks.md.
 
@@ -54,15 +55,20 @@ SPAWN_SECONDS = {"staggered": 2.0, "lockstep": 0.0}  # how long spawning all use
 def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Path) -> dict:
     """Run one level in one arrival pattern; return the row of the results table."""
     report = workdir / f"{pattern}-n{streams}"
-    server_flags = ("--ttft", str(args.ttft), "--itl", str(args.itl), "--cpu", str(args.server_cpu))
+    server_flags = ("--ttft", str(args.ttft), "--itl", str(args.itl), "--cpu", str(args.server_cpu),
+                    *(["--headers-with-first-token"] if args.headers_with_first_token else []))
     with running(free_port(), *server_flags) as url:
         cmd = locust_command(url, report, streams, f"{args.duration}s", "--mix", "text=1", "--short-share", "0",
                              "--input-tokens", "32", "--output-tokens", str(args.tokens),
                              "--stall-timeout", "60", "--request-timeout", "300")
+        env = dict(os.environ)
+        if args.stall_ms:  # the adversarial run: one stall of the generator over the first-token burst
+            cmd[cmd.index("-f") + 1] += f",{REPO / 'benchmarks' / 'stall_once.py'}"
+            env.update(LLMSLO_STALL_MS=str(args.stall_ms), LLMSLO_STALL_AT_S=str(args.stall_at))
         spawn_s = SPAWN_SECONDS[pattern]
         # Locust spawns floor(rate) users per 1 s tick: -r N starts them all in one tick
         cmd[cmd.index("-r") + 1] = str(max(1, round(streams / spawn_s)) if spawn_s else streams)
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240, env=env,
                               preexec_fn=lambda: os.sched_setaffinity(0, {args.client_cpu}))
         truth = fetch_truth(url)
     summary = json.loads((report / "summary.json").read_text())
@@ -94,6 +100,8 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
         "loop_lag_p99_ms": (worker.get("loop_lag_p99_s") or 0) * 1000,
         "stamp_delay_p99_ms": (worker.get("stamp_delay_p99_s") or float("nan")) * 1000,
         "coalesced_share": worker.get("coalesced_share"),
+        "late_shared_share": worker.get("late_shared_share"),
+        "late_shared_first_share": worker.get("late_shared_first_share"),
         "invalid": not summary["validity"]["valid"],
         "invalid_because": summary["validity"]["reasons"],
         "failed": summary["requests"]["failed"],
@@ -104,15 +112,16 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
 def markdown(rows: list[dict]) -> str:
     head = ("| pattern | streams | requests | \\|TTFT err\\| p50 / p99 (ms) | \\|ITL err\\| p50 / p99 (ms) "
             "| achieved concurrency | CPU-s per 1000 chunks | generator CPU p90 | stamping delay p99 ≤ (ms) "
-            "| tokens sharing a read | loop lag p99 (ms) | run invalid | failed |")
-    lines = [head, "|" + "---|" * 13]
+            "| tokens sharing a read | tokens (first tokens) sharing a late read | loop lag p99 (ms) | run invalid | failed |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         achieved = f"{r['achieved_concurrency']:.1f}" if r["achieved_concurrency"] is not None else "n/a"
         lines.append(
             f"| {r['pattern']} | {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
             f"| {r['itl_err_p50_ms']:.2f} / {r['itl_err_p99_ms']:.2f} | {achieved} of {r['streams']} "
             f"| {r['cpu_s_per_1000_chunks']:.3f} | {r['generator_cpu_p90'] or 0:.0f} % | {r['stamp_delay_p99_ms']:.1f} "
-            f"| {(r['coalesced_share'] or 0):.2%} | {r['loop_lag_p99_ms']:.1f} "
+            f"| {(r['coalesced_share'] or 0):.2%} "
+            f"| {(r['late_shared_share'] or 0):.2%} ({(r['late_shared_first_share'] or 0):.2%}) | {r['loop_lag_p99_ms']:.1f} "
             f"| {'yes' if r['invalid'] else 'no'} | {r['failed']} |"
         )
     return "\n".join(lines)
@@ -126,6 +135,12 @@ def main() -> None:
     p.add_argument("--ttft", type=float, default=0.32, help="server TTFT (seed: 2x RTX 4090, 320 ms)")
     p.add_argument("--itl", type=float, default=0.018, help="server inter-token gap (seed: 18 ms/token)")
     p.add_argument("--tokens", type=int, default=64, help="output tokens per request")
+    p.add_argument("--headers-with-first-token", action="store_true",
+                   help="the server holds its response headers until the first token (as llmslo's ingress does)")
+    p.add_argument("--stall-ms", type=float, default=0.0,
+                   help="block the generator once for this long (benchmarks/stall_once.py), --stall-at s after "
+                        "the test's start (aimed at the first-token burst: the self-check must see it)")
+    p.add_argument("--stall-at", type=float, default=0.36)
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows here")

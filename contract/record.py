@@ -55,6 +55,10 @@ class RequestRecord:
     decode_tokens_per_s: float | None = None
     output_tokens_per_s: float | None = None
     itl_s: list[float] = field(default_factory=list)
+    # token events the load test read late together with the next one (each then carries the next one's
+    # arrival: loadtest/_reads.py); the self-check counts them against --max-coalesced-share
+    late_shared_reads: int = 0
+    first_token_late_shared: bool = False
     output_tokens: int | None = None
     reasoning_tokens: int | None = None
     prompt_tokens: int | None = None

@@ -78,11 +78,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--max-error-rate-min", type=int, default=20,
                    help="... once at least this many requests ended")
     g.add_argument("--max-stamp-delay-ms", type=float, default=5.0,
-                   help="stamping delay p99 (socket arrival -> read) above this, with --max-coalesced-share, "
-                        "marks the run invalid")
+                   help="a read pass in which some read came this long after its bytes (socket arrival -> read) "
+                        "is late: tokens it read together with the next one count against --max-coalesced-share")
     g.add_argument("--max-coalesced-share", type=float, default=0.01,
-                   help="share of tokens read together with the next one above this, with --max-stamp-delay-ms, "
-                        "marks the run invalid")
+                   help="share of tokens, or of first tokens, read late together with the next one (each then "
+                        "carries the next one's arrival) above this marks the run invalid")
 
 
 @dataclass(frozen=True)

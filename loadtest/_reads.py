@@ -35,8 +35,11 @@ from typing import Callable
 
 import gevent
 import gevent.monkey
+import gevent.socket
 import gevent.ssl
 from gevent.event import Event
+from geventhttpclient.client import HTTPClientPool
+from geventhttpclient.connectionpool import ConnectionPool
 
 Clock = Callable[[], float]
 Block = tuple[float, bytes]  # (stamp, bytes one read delivered)
@@ -44,6 +47,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python 
 _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 READ_TICK_S = 0.001  # how long the read loop lets a burst gather (bounds the error where the kernel gives no stamp)
+LATE_READ_S = 0.005  # a read pass is late when one of its reads came this long after its bytes (--max-stamp-delay-ms)
 _unpack_timespec, _wall_ns, _REALTIME = _TIMESPEC.unpack_from, time.clock_gettime_ns, time.CLOCK_REALTIME
 _DONE_LINE = re.compile(rb"^[ \t\r]*data:[ \t]*\[DONE\][ \t\r]*$", re.MULTILINE)
 
@@ -69,10 +73,20 @@ class ReadLoop:
 
     One per load-test process (it belongs to the run: loadtest/_run.py). Its greenlet
     sleeps in gevent while no socket is readable, so an idle run costs nothing.
+
+    A pass over the ready sockets is **late** when any of its reads came more than ``late_s``
+    after its bytes arrived: the process was held up (a stall, a collection, a burst too big
+    for it), and a stream whose older chunk waited through it may have had its next chunk
+    arrive meanwhile. Two token events in one read of a late pass are then the reader's
+    doing: the older carries the newer one's arrival. Every block a late pass read is marked
+    (``SocketReads.late_blocks``) and the self-check counts the tokens that shared such a read
+    (loadtest/_selfcheck.py). Two events in one read of a prompt pass are the server's: it
+    wrote them together, and their stamps are right.
     """
 
-    def __init__(self, tick_s: float = READ_TICK_S) -> None:
+    def __init__(self, tick_s: float = READ_TICK_S, late_s: float = LATE_READ_S) -> None:
         self.tick_s = tick_s
+        self.late_s = late_s
         self._epoll = _original_epoll()()
         self._streams: dict[int, _Stream] = {}
         self._greenlet = gevent.spawn(self._run)
@@ -103,11 +117,17 @@ class ReadLoop:
         wait behind all their parsing and bookkeeping (~0.5 ms each); with this, a read waits
         behind one user's step at most.
         """
-        streams = self._streams
+        streams, taken, worst = self._streams, [], 0.0
         for fd, _events in self._epoll.poll(0):
             stream = streams.get(fd)
             if stream is not None:
-                stream.on_readable()
+                delay = stream.on_readable()
+                if delay is not None:
+                    taken.append(stream.reads)
+                    worst = delay if delay > worst else worst
+        if worst > self.late_s:
+            for reads in taken:
+                reads.late_blocks.add(len(reads.blocks) - 1)
 
     def _run(self) -> None:
         hub = gevent.get_hub()
@@ -126,9 +146,9 @@ def _original_epoll():
         return None
 
 
-def read_loop() -> ReadLoop | None:
+def read_loop(late_s: float = LATE_READ_S) -> ReadLoop | None:
     """A ReadLoop where the platform has epoll, else None (streams are then read by their own greenlets)."""
-    return ReadLoop() if _original_epoll() is not None else None
+    return ReadLoop(late_s=late_s) if _original_epoll() is not None else None
 
 
 class SocketReads:
@@ -141,20 +161,24 @@ class SocketReads:
     ``[DONE]`` line. ``delays_s`` collects each read's delay from the kernel's
     receive time to the read (both on CLOCK_REALTIME), by which its stamp was
     moved back; empty where the kernel gives none (TLS, non-Linux: stamps are
-    then the read's own time).
+    then the read's own time). ``late_blocks``: the indexes of the blocks read
+    late (in a late pass of the loop, or a header read that came more than
+    ``late_s`` after its bytes).
     """
 
     def __init__(self, response, loop: ReadLoop | None, clock: Clock = time.perf_counter) -> None:
         self.response = response
         self.loop = loop
         self.clock = clock
+        self.late_s = loop.late_s if loop is not None else LATE_READ_S
         self.delays_s: list[float] = []
         self.blocks: list[Block] = []
+        self.late_blocks: set[int] = set()
 
     def read(self, stall_timeout: float) -> list[Block]:
         """Every block of the body; raises what broke the read (StallTimeout after ``stall_timeout`` s of silence)."""
         resp = self.response
-        self._take_buffered(self.clock())  # arrived with the headers
+        self._take_buffered(self._header_read_stamp())  # arrived with the headers
         sock = resp._sock
         try:
             if sock is None or resp.message_complete or self._done():
@@ -167,6 +191,18 @@ class SocketReads:
         finally:  # back to the pool when the body ended and the server keeps the connection; else closed
             resp.release()
         return self.blocks
+
+    def _header_read_stamp(self) -> float:
+        """When the body bytes that came with the headers arrived: the kernel's time of the header read
+        where the connection is a :class:`StampedSocket`, else the clock now."""
+        sock = self.response._sock
+        delay = getattr(sock, "delay_s", None)
+        if delay is None or not self.response._body_buffer:
+            return self.clock()
+        self.delays_s.append(delay)
+        if delay > self.late_s:
+            self.late_blocks.add(0)
+        return sock.arrived
 
     def _finish_after_done(self, raw: socket.socket) -> None:
         """After ``[DONE]``, take the end of the body if it is already here, so the connection can be reused.
@@ -249,15 +285,23 @@ class _Stream:
         if self.error is not None:
             raise self.error
 
-    def on_readable(self) -> None:
-        """Read what is there, stamp it first, feed it; never raises into the loop."""
+    def on_readable(self) -> float | None:
+        """Read what is there, stamp it first, feed it; never raises into the loop.
+
+        Returns the read's stamping delay (0 where the kernel gave no stamp) when it added a block, else None.
+        """
         if self.ended.is_set():
-            return
+            return None
+        blocks = len(self.reads.blocks)
         try:
             if self.kernel_stamps:
                 data, ancillary, _flags, _addr = self.raw.recvmsg(self.size, _ANCILLARY)
                 t = self.last_read = self.clock()
-                late = self._late(ancillary) if ancillary else 0.0
+                late = kernel_delay(ancillary) if ancillary else None
+                if late is None:
+                    late = 0.0
+                else:
+                    self.reads.delays_s.append(late)
             else:
                 data = self.raw.recv(self.size)
                 t = self.last_read = self.clock()
@@ -265,24 +309,27 @@ class _Stream:
             if self.reads.take(data, t - late):
                 self.ended.set()
         except BlockingIOError:
-            return
+            return None
         except Exception as exc:  # reset, parse error: the user's greenlet raises it
             self.error = exc
             self.ended.set()
+            return None
+        return late if len(self.reads.blocks) > blocks else None
 
-    def _late(self, ancillary: list) -> float:
-        """Seconds since the kernel had the newest bytes of this read (0 where it did not say).
 
-        The only control message asked for is the receive timestamp, so it is the first one.
-        """
-        now = _wall_ns(_REALTIME)
-        level, kind, raw = ancillary[0]
-        if kind != SO_TIMESTAMPNS or level != socket.SOL_SOCKET or len(raw) < _TIMESPEC.size:
-            return 0.0
-        sec, nsec = _unpack_timespec(raw)
-        late = max(0.0, (now - sec * 1_000_000_000 - nsec) * 1e-9)
-        self.reads.delays_s.append(late)
-        return late
+def kernel_delay(ancillary: list) -> float | None:
+    """Seconds since the kernel had the newest bytes of a read (None where it did not say).
+
+    The only control message asked for is the receive timestamp, so it is the first one.
+    """
+    now = _wall_ns(_REALTIME)
+    if not ancillary:
+        return None
+    level, kind, raw = ancillary[0]
+    if kind != SO_TIMESTAMPNS or level != socket.SOL_SOCKET or len(raw) < _TIMESPEC.size:
+        return None
+    sec, nsec = _unpack_timespec(raw)
+    return max(0.0, (now - sec * 1_000_000_000 - nsec) * 1e-9)
 
 
 def _ask_for_kernel_stamps(raw: socket.socket) -> bool:
@@ -291,3 +338,53 @@ def _ask_for_kernel_stamps(raw: socket.socket) -> bool:
     except OSError:
         return False
     return True
+
+
+class StampedSocket(gevent.socket.socket):
+    """A client connection whose every ``recv`` keeps the kernel's arrival time of the bytes it returned.
+
+    geventhttpclient reads a response's headers with ``recv``, in the user's greenlet. A server that
+    holds its headers back until the first token (llmslo's own ingress does: it decides the status
+    there) delivers the first token in that same read, and in a burst the user's greenlet gets to
+    it late: at 256 lockstep streams the clock stamp taken after it was 0.27 ms late at p50 and
+    6.8 ms at p99 (docs/benchmarks.md), unseen by the self-check. ``arrived`` (clock) and
+    ``delay_s`` describe the newest ``recv``; the body reads that follow go through the raw socket.
+    """
+
+    __slots__ = ("arrived", "delay_s")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrived: float | None = None
+        self.delay_s: float | None = None
+        _ask_for_kernel_stamps(self._sock)
+
+    def recv(self, size: int, flags: int = 0) -> bytes:
+        data, ancillary, _flags, _addr = self.recvmsg(size, _ANCILLARY, flags)
+        now = time.perf_counter()
+        self.delay_s = kernel_delay(ancillary)
+        self.arrived = now - (self.delay_s or 0.0)
+        return data
+
+
+class _StampedConnectionPool(ConnectionPool):
+    def _create_tcp_socket(self, family: int, socktype: int, protocol: int) -> gevent.socket.socket:
+        return StampedSocket(family, socktype, protocol)  # the pool's documented socket factory
+
+
+class StampingClientPool(HTTPClientPool):
+    """geventhttpclient's per-host client pool, whose plain-TCP connections are :class:`StampedSocket`.
+
+    geventhttpclient 2.6's ``HTTPClient`` builds its connection pool itself, with no parameter for
+    the pool's class, so the plain one is turned into its subclass (``_create_tcp_socket``, the
+    factory geventhttpclient documents for overriding) before the first connection is made. TLS
+    connections keep clock stamps (``recvmsg`` would bypass TLS). tests/test_loadtest_stamping.py
+    proves the stamp is the kernel's.
+    """
+
+    def get_client(self, url):
+        client = super().get_client(url)
+        pool = client._connection_pool
+        if type(pool) is ConnectionPool:
+            pool.__class__ = _StampedConnectionPool
+        return client

@@ -302,7 +302,7 @@ class Run:
         validity = _selfcheck.validity(
             samples, [r.schedule_lag_s for r in records if r.schedule_lag_s is not None],
             opts.max_worker_cpu, opts.max_loop_lag_ms / 1000, opts.max_schedule_lag_ms / 1000,
-            opts.max_stamp_delay_ms / 1000, _selfcheck.coalesced_gaps(records), opts.max_coalesced_share,
+            _selfcheck.coalesced_gaps(records), opts.max_coalesced_share,
         )
         missing = sorted(self.senders - self.finals) if final else []
         if missing:
@@ -387,7 +387,7 @@ def on_test_start(environment, **_kw) -> None:
     run.stopping = False
     if not run.is_master:  # only processes that run users read streams and check themselves
         if run.reads is None:  # once per process
-            run.reads = read_loop()
+            run.reads = read_loop(late_s=environment.parsed_options.max_stamp_delay_ms / 1000)
             _fewer_gc_pauses()
         run.selfcheck.start()
         run.selfcheck.reset()

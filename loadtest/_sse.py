@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import orjson
 
@@ -32,6 +32,7 @@ class _Event:
     t: float
     content: str
     reasoning: str
+    read: int  # index of the socket read that delivered it
 
 
 def read_stream(record: RequestRecord, readline: Callable[[], bytes], t0: float, clock: Clock = time.perf_counter) -> None:
@@ -44,10 +45,11 @@ def read_stream(record: RequestRecord, readline: Callable[[], bytes], t0: float,
     consume(record, blocks(), t0)
 
 
-def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
+def consume(record: RequestRecord, blocks: Iterable[Block], t0: float, late_blocks: Collection[int] = ()) -> None:
     """Gather stamped blocks until the stream ends, then parse and summarise; raise StreamError when it broke.
 
-    ``t0`` is the clock reading just before the request was sent. Reading stops
+    ``t0`` is the clock reading just before the request was sent; ``late_blocks``
+    the indexes of blocks the reader read late (loadtest/_reads.py). Reading stops
     at the end of the body or at a ``data: [DONE]`` line (cheap substring check
     first, so a token that merely contains "[DONE]" does not end it). A stream
     ends well with ``[DONE]`` or, for servers that send none (``transformers
@@ -68,6 +70,7 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float) -> None:
     if done_at is None:
         raise StreamError("stream ended without [DONE] and without a finish_reason")
     record.e2e_s = done_at - t0
+    _count_late_shared_reads(record, events, late_blocks)
     _summarise(record, events, usage, t0)
 
 
@@ -84,8 +87,8 @@ def _no_later_than_the_next(stamps: list[float]) -> None:
             stamps[i] = stamps[i + 1]
 
 
-def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> list[tuple[float, bytes]]:
-    """Each non-blank line with the stamp of the read that delivered its last byte (its ``\\n``)."""
+def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> list[tuple[float, bytes, int]]:
+    """Each non-blank line with the stamp and index of the read that delivered its last byte (its ``\\n``)."""
     out = []
     size, read, stop = len(data), 0, 0
     for line in bytes(data).split(b"\n"):
@@ -93,11 +96,20 @@ def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> lis
         if line and line != b"\r":
             while ends[read] < min(stop, size):
                 read += 1
-            out.append((stamps[read], line))
+            out.append((stamps[read], line, read))
     return out
 
 
-def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | None, float | None]:
+def _count_late_shared_reads(record: RequestRecord, events: list[_Event], late_blocks: Collection[int]) -> None:
+    """Token events that came in one late read with the next one: each carries the next one's arrival."""
+    if not late_blocks:
+        return
+    shared = [a.read in late_blocks and a.read == b.read for a, b in zip(events, events[1:])]
+    record.late_shared_reads = sum(shared)
+    record.first_token_late_shared = bool(shared) and shared[0]
+
+
+def _parse(lines: Iterable[tuple[float, bytes, int]]) -> tuple[list[_Event], dict | None, float | None]:
     """Token events, the last usage object and the end stamp (None: the stream did not end well), in line order.
 
     The end is the ``[DONE]`` line or, without one, the last data line once a
@@ -110,7 +122,7 @@ def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | N
     events: list[_Event] = []
     usage: dict | None = None
     finished_at: float | None = None
-    for t, line in lines:
+    for t, line, read in lines:
         if line.startswith(b"data: {"):  # the usual chunk: JSON allows the trailing \r or spaces
             payload = line[6:]
         else:
@@ -129,7 +141,7 @@ def _parse(lines: Iterable[tuple[float, bytes]]) -> tuple[list[_Event], dict | N
             content = delta.get("content") or ""
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
             if content or reasoning:
-                events.append(_Event(t, content, reasoning))
+                events.append(_Event(t, content, reasoning, read))
             if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
                 finished_at = t
         if finished_at is not None:

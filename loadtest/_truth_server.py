@@ -123,11 +123,14 @@ class TruthServer:
         a = self.args
         tokens = entry["tokens"] = int(req.get("max_tokens") or a.tokens)
         recv = entry["recv"]
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
         chunk = lambda obj: _chunked(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
         # role-only and empty chunks first: they must not count as the first token
-        writer.write(chunk(_delta({"role": "assistant"})) + chunk(_delta({"content": ""})))
-        await writer.drain()
+        head += chunk(_delta({"role": "assistant"})) + chunk(_delta({"content": ""}))
+        if not a.headers_with_first_token:
+            writer.write(head)
+            await writer.drain()
+            head = b""
         reasoning = min(a.reasoning, tokens)
         sent = 0
         while sent < tokens:
@@ -144,10 +147,12 @@ class TruthServer:
             n = min(a.tokens_per_chunk, tokens - sent)
             key = "reasoning_content" if sent < reasoning else "content"
             entry["emits"].append(time.monotonic())
-            writer.write(chunk(_delta({key: "tok " * n})))
+            writer.write(head + chunk(_delta({key: "tok " * n})))
+            head = b""
             await writer.drain()
             sent += n
         else:
+            writer.write(head)  # a reply of no tokens: the headers go now
             usage = {"prompt_tokens": 10, "completion_tokens": tokens + a.usage_offset, "total_tokens": 10 + tokens,
                      "completion_tokens_details": {"reasoning_tokens": reasoning}}
             writer.write(chunk({"id": rid, "object": "chat.completion.chunk", "choices": [], "usage": usage}))
@@ -182,6 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens-per-chunk", type=int, default=1, help="tokens packed into one SSE chunk")
     p.add_argument("--usage-offset", type=int, default=0, help="misreport usage.completion_tokens by this much")
     p.add_argument("--reasoning", type=int, default=0, help="first N tokens are reasoning_content")
+    p.add_argument("--headers-with-first-token", action="store_true",
+                   help="hold the response headers back until the first token and send them in one write with it "
+                        "(as llmslo's ingress does: it decides the status at the first token)")
     p.add_argument("--mode", choices=MODES, default="ok")
     p.add_argument("--max-streams", type=int, default=0, help="answer 503 beyond this many concurrent streams (0: no limit)")
     p.add_argument("--strict", action="store_true", help="answer 422 to request fields OpenAI does not define")

@@ -23,7 +23,7 @@ from contract.record import RequestRecord
 from loadtest import _run
 from loadtest._run import run_of
 from loadtest._shape import SLOShape
-from loadtest._reads import SocketReads
+from loadtest._reads import SocketReads, StampingClientPool
 from loadtest._sse import StreamError, consume
 from loadtest._traffic import plan_request
 
@@ -59,6 +59,8 @@ class ChatUser(FastHttpUser):
         self.next_at: float | None = None
         self.next_plan: gevent.Greenlet | None = None
         self.failures_in_a_row = 0
+        agent = self.client.client  # no connection made yet: its connections will keep kernel arrival times
+        agent.clientpool = StampingClientPool(**agent.clientpool.client_args)
 
     def wait_time(self) -> float:
         if not self.failures_in_a_row:
@@ -155,7 +157,7 @@ class ChatUser(FastHttpUser):
             blocks = reads.read(stall_timeout)
             if loop is not None:  # other streams' chunks first: this user's work below waits, theirs would not
                 loop.read_ready()
-            consume(rec, blocks, t0)
+            consume(rec, blocks, t0, reads.late_blocks)
         finally:  # the self-check's samples, off the timed path
             self.run.selfcheck.observe_stamp_delays(reads.delays_s)
             if loop is not None:

@@ -12,7 +12,7 @@ from geventhttpclient.response import HTTPSocketResponse
 
 from contract.record import RequestRecord
 from loadtest._selfcheck import DELAY_BIN_S, stamp_delay_p99
-from loadtest._reads import ReadLoop, SocketReads, StallTimeout, kernel_timestamps_on
+from loadtest._reads import ReadLoop, SocketReads, StallTimeout, StampingClientPool, kernel_timestamps_on
 from loadtest._sse import StreamError, consume
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -74,6 +74,41 @@ def test_a_busy_generator_stamps_the_kernels_arrival_time_and_counts_the_delay(l
     assert rec.ok and rec.output_tokens == 1 and rec.ttft_s < 0.01  # sent right after t0, read 30 ms later
     assert rec.e2e_s >= 0.045  # [DONE] came 20 ms after the late read: its own time
     for sock in (client, server, keeper):
+        sock.close()
+
+
+def test_a_first_token_sent_with_the_headers_keeps_its_kernel_arrival_time(loop):
+    """A server that holds its headers back until the first token (llmslo's ingress) delivers that token
+    in the HTTP client's header read; through StampingClientPool that read keeps the kernel's arrival
+    time too, so a client that got to it 30 ms late does not add 30 ms to the TTFT."""
+    keeper = kernel_timestamps_on()
+    listener = gevent.socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)  # the request
+        conn.sendall(HEAD + _chunked(_event({"choices": [{"delta": {"content": "a"}}]})))
+        time.sleep(0.03)  # the process is busy: the client's header read comes 30 ms after the bytes
+        gevent.sleep(0.02)
+        conn.sendall(_chunked(_event("[DONE]")) + b"0\r\n\r\n")
+        conn.close()
+
+    server = gevent.spawn(serve)
+    client = StampingClientPool().get_client(f"http://127.0.0.1:{listener.getsockname()[1]}/")
+    t0 = time.perf_counter()
+    response = client.request("POST", "/v1/chat/completions", body=b"{}")
+    reads = SocketReads(response, loop)
+    blocks = reads.read(stall_timeout=5.0)
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=1)
+    consume(rec, blocks, t0)
+    assert time.perf_counter() - t0 >= 0.05 and rec.ok and rec.output_tokens == 1
+    assert rec.ttft_s < 0.01  # arrived right after t0, read 30 ms later: the clock would say >= 30 ms
+    assert reads.delays_s[0] >= 0.03  # and the header read's lateness reaches the self-check
+    server.join(5)
+    client.close()
+    for sock in (listener, keeper):
         sock.close()
 
 
@@ -157,30 +192,66 @@ def test_a_stream_without_done_ends_well_only_after_a_finish_reason():
         consume(cut, iter([(1.0, token), (1.5, token)]), t0=0.0)
 
 
-def test_late_reads_make_a_run_invalid_only_when_tokens_shared_a_read():
-    """Kernel arrival times make a late read harmless unless two tokens came in one read (0 s gap)."""
+def test_tokens_read_late_together_are_counted_and_tokens_written_together_are_not(loop):
+    """Two tokens 15 ms apart that wait in the kernel while the generator is busy come in one late read:
+    the first carries the second's arrival, and the record says so. Two tokens the server wrote at once,
+    read promptly, share a read too (0 s gap) but are stamped right: not counted."""
+    keeper = kernel_timestamps_on()
+    token = _chunked(_event({"choices": [{"delta": {"content": "a"}}]}))
+    done = _chunked(_event("[DONE]")) + b"0\r\n\r\n"
+    records = []
+    for late in (True, False):
+        client, server = _connected()
+        server.sendall(HEAD)
+        response = HTTPSocketResponse(client)
+        t0 = time.perf_counter()
+        if late:
+            server.sendall(token)
+            time.sleep(0.015)  # the generator is busy: both tokens wait for it
+            server.sendall(token)
+            time.sleep(0.015)
+            gevent.get_hub().loop.update_now()
+            gevent.spawn_later(0.02, server.sendall, done)
+        else:
+            gevent.spawn_later(0.01, server.sendall, token + token)  # written at once, read promptly
+            gevent.spawn_later(0.03, server.sendall, done)
+        reads = SocketReads(response, loop)
+        blocks = reads.read(stall_timeout=5.0)
+        rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=2)
+        consume(rec, blocks, t0, reads.late_blocks)
+        records.append(rec)
+        client.close()
+        server.close()
+    keeper.close()
+    late_rec, prompt_rec = records
+    assert late_rec.itl_s == [0.0] and late_rec.first_token_late_shared and late_rec.late_shared_reads == 1
+    assert prompt_rec.itl_s == [0.0] and not prompt_rec.first_token_late_shared and prompt_rec.late_shared_reads == 0
+
+
+def test_a_run_is_invalid_when_tokens_or_first_tokens_shared_late_reads():
+    """Kernel arrival times make a late read harmless unless two tokens came in one late read; first
+    tokens are counted apart (one per request: 1 request in 10 moves TTFT's p99)."""
     from loadtest._selfcheck import coalesced_gaps, validity
 
-    def rec(worker: str, gaps: list[float]) -> RequestRecord:
-        r = RequestRecord(id=worker, cls="text", thinking=False, short=False, max_tokens=len(gaps) + 1)
-        r.worker, r.itl_s = worker, gaps
+    def rec(gaps: list[float], late: int = 0, first_late: bool = False) -> RequestRecord:
+        r = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=len(gaps) + 1)
+        r.worker, r.itl_s, r.late_shared_reads, r.first_token_late_shared = "w", gaps, late, first_late
         return r
 
-    late = {"cpu_percent": [10.0], "loop_lag_s": [0.001], "cpu_seconds": [1.0],
-            "stamp_delay_bins": [[int(0.015 / DELAY_BIN_S), 100]]}  # every read 15 ms late
-    prompt = {**late, "stamp_delay_bins": [[0, 100]]}
-    together = coalesced_gaps([rec("w", [0.018] * 90 + [0.0] * 10)])  # 10 % of tokens shared a read
-    apart = coalesced_gaps([rec("w", [0.018] * 100)])
-    firsts = coalesced_gaps([rec("w", [0.0] + [0.018] * 99), *(rec("w", [0.018] * 100) for _ in range(9))])
+    samples = {"cpu_percent": [10.0], "loop_lag_s": [0.001], "cpu_seconds": [1.0], "stamp_delay_bins": [[0, 100]]}
+    server_wrote_together = coalesced_gaps([rec([0.018] * 90 + [0.0] * 10)])  # 0 s gaps from prompt reads
+    read_late_together = coalesced_gaps([rec([0.018] * 90 + [0.0] * 10, late=10)])
+    first_tokens = coalesced_gaps([rec([0.0] + [0.018] * 99, late=1, first_late=True),
+                                   *(rec([0.018] * 100) for _ in range(9))])
 
-    def valid(samples, gaps) -> bool:
-        return validity({"w": samples}, [], 90, 0.02, 0.1, 0.005, gaps, 0.01)["valid"]
+    def valid(gaps) -> bool:
+        return validity({"w": samples}, [], 90, 0.02, 0.1, gaps, 0.01)["valid"]
 
-    assert together == {"w": (0.1, 0.0)} and firsts == {"w": (0.001, 0.1)}
-    assert valid(late, apart)          # late but one token per read: each stamp is its arrival
-    assert valid(prompt, together)     # prompt reader: the server wrote tokens together
-    assert not valid(late, together)   # late and coalesced: older tokens carry newer arrival times
-    assert not valid(late, firsts)     # 1 request in 10 had its first token read with the second
+    assert server_wrote_together["w"]["coalesced_share"] == 0.1 and server_wrote_together["w"]["late_shared_share"] == 0
+    assert first_tokens["w"]["late_shared_share"] == 0.001 and first_tokens["w"]["late_shared_first_share"] == 0.1
+    assert valid(server_wrote_together)
+    assert not valid(read_late_together)
+    assert not valid(first_tokens)  # 0.1 % of tokens, but 10 % of first tokens
 
 
 def test_a_block_stamped_later_than_the_next_one_is_capped_at_it():
