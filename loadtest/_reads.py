@@ -146,9 +146,9 @@ def _original_epoll():
         return None
 
 
-def read_loop(late_s: float = LATE_READ_S) -> ReadLoop | None:
+def read_loop() -> ReadLoop | None:
     """A ReadLoop where the platform has epoll, else None (streams are then read by their own greenlets)."""
-    return ReadLoop(late_s=late_s) if _original_epoll() is not None else None
+    return ReadLoop() if _original_epoll() is not None else None
 
 
 class SocketReads:

@@ -387,8 +387,10 @@ def on_test_start(environment, **_kw) -> None:
     run.stopping = False
     if not run.is_master:  # only processes that run users read streams and check themselves
         if run.reads is None:  # once per process
-            run.reads = read_loop(late_s=environment.parsed_options.max_stamp_delay_ms / 1000)
+            run.reads = read_loop()
             _fewer_gc_pauses()
+        if run.reads is not None:  # this run's option (the web UI's start form may change it)
+            run.reads.late_s = environment.parsed_options.max_stamp_delay_ms / 1000
         run.selfcheck.start()
         run.selfcheck.reset()
     if run.is_worker:
