@@ -24,9 +24,9 @@ def _records(report_dir) -> list[dict]:
     return [json.loads(line) for line in (report_dir / "requests.jsonl").read_text().splitlines()]
 
 
-def _errors(tmp_path) -> tuple[dict[str, list[float]], dict]:
+def _errors(tmp_path, *server_flags: str) -> tuple[dict[str, list[float]], dict]:
     """One low-load run; client-minus-truth errors per metric, and the summary."""
-    with running(free_port(), "--ttft", "0.08", "--itl", "0.015", "--reasoning", "3") as url:
+    with running(free_port(), "--ttft", "0.08", "--itl", "0.015", "--reasoning", "3", *server_flags) as url:
         out = run_headless(url, tmp_path, 3, "5s", *TEXT_ONLY, "--thinking-share", "1", timeout=120)
         truth = fetch_truth(url)
     ok = [r for r in _records(tmp_path) if r["ok"]]
@@ -49,8 +49,12 @@ def _errors(tmp_path) -> tuple[dict[str, list[float]], dict]:
     return errors, out.summary
 
 
-def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path):
+@pytest.mark.parametrize("server_flags", [(), ("--headers-with-first-token",)], ids=["headers-first", "headers-with-token"])
+def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path, server_flags):
     """Within 2 ms for 95 % of samples whenever the generator's self-check says the run is valid.
+
+    Also against a server that holds its headers until the first token (as llmslo's ingress does):
+    that token then comes in the HTTP client's header read, which keeps the kernel's arrival time.
 
     The median error must be under 0.5 ms in every run. The 2-core test machine
     is shared by parallel test runs; when a neighbour deschedules the client,
@@ -59,7 +63,7 @@ def test_ttft_ttfo_itl_tpot_match_server_emit_times(tmp_path):
     """
     reasons = []
     for attempt in range(3):
-        errors, summary = _errors(tmp_path / str(attempt))
+        errors, summary = _errors(tmp_path / str(attempt), *server_flags)
         for name, errs in errors.items():
             assert np.median(np.abs(errs)) < 0.0005, name
         if not summary["validity"]["valid"]:
