@@ -56,7 +56,8 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
     """Run one level in one arrival pattern; return the row of the results table."""
     report = workdir / f"{pattern}-n{streams}"
     server_flags = ("--ttft", str(args.ttft), "--itl", str(args.itl), "--cpu", str(args.server_cpu),
-                    *(["--headers-with-first-token"] if args.headers_with_first_token else []))
+                    *(["--headers-with-first-token"] if args.headers_with_first_token else []),
+                    *(_self_signed(workdir) if args.tls else []))
     with running(free_port(), *server_flags) as url:
         cmd = locust_command(url, report, streams, f"{args.duration}s", "--mix", "text=1", "--short-share", "0",
                              "--input-tokens", "32", "--output-tokens", str(args.tokens),
@@ -109,6 +110,15 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
     }
 
 
+def _self_signed(workdir: Path) -> list[str]:
+    """The truth server's flags for HTTPS with a certificate made here (Debian's openssl)."""
+    cert, key = workdir / "cert.pem", workdir / "key.pem"
+    if not cert.exists():
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    return ["--tls-cert", str(cert), "--tls-key", str(key)]
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| pattern | streams | requests | \\|TTFT err\\| p50 / p99 (ms) | \\|ITL err\\| p50 / p99 (ms) "
             "| achieved concurrency | CPU-s per 1000 chunks | generator CPU p90 | stamping delay p99 ≤ (ms) "
@@ -137,6 +147,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     p.add_argument("--headers-with-first-token", action="store_true",
                    help="the server holds its response headers until the first token (as llmslo's ingress does)")
+    p.add_argument("--tls", action="store_true", help="the truth server speaks HTTPS (self-signed, made with openssl)")
     p.add_argument("--stall-ms", type=float, default=0.0,
                    help="block the generator once for this long (benchmarks/stall_once.py), --stall-at s after "
                         "the test's start (aimed at the first-token burst: the self-check must see it)")

@@ -30,6 +30,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import time
 from typing import Callable
 
@@ -47,8 +48,10 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python 
 _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 READ_TICK_S = 0.001  # how long the read loop lets a burst gather (bounds the error where the kernel gives no stamp)
+PEEK_TO_READ_S = 0.001  # a TLS read this long after its peek waited for more bytes: its peeked arrival is not its own
 LATE_READ_S = 0.005  # a read pass is late when one of its reads came this long after its bytes (--max-stamp-delay-ms)
 _unpack_timespec, _wall_ns, _REALTIME = _TIMESPEC.unpack_from, time.clock_gettime_ns, time.CLOCK_REALTIME
+_LINUX = sys.platform.startswith("linux")  # SO_TIMESTAMPNS is Linux's
 _DONE_LINE = re.compile(rb"^[ \t\r]*data:[ \t]*\[DONE\][ \t\r]*$", re.MULTILINE)
 
 
@@ -245,13 +248,55 @@ class SocketReads:
         return has_done_line(body, since=len(body) - len(self.blocks[-1][1]))
 
     def _read_in_greenlet(self, sock, stall_timeout: float) -> None:
-        """TLS or no epoll: the socket's own blocking reads, stamped by the clock."""
+        """TLS or no epoll: the socket's own blocking reads, in this greenlet.
+
+        Over TLS on Linux, before each read that must go to the kernel, a one-byte peek
+        (``MSG_PEEK``, nothing consumed) asks for the kernel's arrival time of the bytes waiting
+        (as for a plain read, the newest: the kernel merges what waits in one socket and keeps
+        the newest time). A TLS read decrypts one record, so records that waited together are
+        read one by one under one kernel time: they get the very same stamp, and where that
+        read was late they count as read late together, as in one plain read. Bytes TLS already
+        holds decrypted (``pending``) keep the stamp of the record read last. A read that had to
+        wait after its peek (a record without data, or the record's end still on its way) takes
+        the clock after it: the peeked time would be too early. Elsewhere: the clock after the read.
+        """
         size, clock = self.response.block_size, self.clock
+        raw = sock._sock if _LINUX and isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)) else None
+        peek = raw is not None and _ask_for_kernel_stamps(raw)
+        arrived, late, newest = None, False, None  # the stamp of the bytes being read (None: the clock after it)
         while True:
+            peeked_at = None
             with gevent.Timeout(stall_timeout, StallTimeout(f"timed out: no byte for {stall_timeout:g} s")):
+                if peek and not sock.pending():
+                    gevent.socket.wait_read(raw.fileno())
+                    peeked, peeked_at = self._peek(raw), clock()
+                    if peeked is None:
+                        arrived, late, newest = None, False, None
+                    elif peeked[0] != newest:  # new bytes (the same kernel time: still the bytes stamped last)
+                        newest, arrived, late = peeked[0], peeked[1], peeked[2] > self.late_s
                 data = sock.recv(size)
-            if self.take(data, clock()):
+            t = clock()
+            if peeked_at is not None and t - peeked_at > PEEK_TO_READ_S:
+                arrived, late, newest = None, False, None
+            blocks = len(self.blocks)
+            ended = self.take(data, t if arrived is None else arrived)
+            if late and len(self.blocks) > blocks:
+                self.late_blocks.add(blocks)
+            if ended:
                 return
+
+    def _peek(self, raw: socket.socket) -> tuple[bytes, float, float] | None:
+        """(the kernel's raw arrival time, it on the clock, the stamping delay) of the bytes waiting; None: not known."""
+        try:
+            _data, ancillary, _flags, _addr = raw.recvmsg(1, _ANCILLARY, socket.MSG_PEEK)
+        except BlockingIOError:
+            return None
+        now = self.clock()
+        delay = kernel_delay(ancillary)
+        if delay is None:
+            return None
+        self.delays_s.append(delay)
+        return ancillary[0][2], now - delay, delay
 
 
 def has_done_line(body: bytes | bytearray, since: int = 0) -> bool:

@@ -101,10 +101,11 @@ def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> lis
 
 
 def _count_late_shared_reads(record: RequestRecord, events: list[_Event], late_blocks: Collection[int]) -> None:
-    """Token events that came in one late read with the next one: each carries the next one's arrival."""
+    """Token events read late under one stamp with the next one (in one read; over TLS, also in records
+    the kernel held under one arrival time): each carries the next one's arrival."""
     if not late_blocks:
         return
-    shared = [a.read in late_blocks and a.read == b.read for a, b in zip(events, events[1:])]
+    shared = [a.read in late_blocks and a.t == b.t for a, b in zip(events, events[1:])]
     record.late_shared_reads = sum(shared)
     record.first_token_late_shared = bool(shared) and shared[0]
 

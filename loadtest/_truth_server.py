@@ -13,7 +13,7 @@ error event after a few tokens), malformed (a non-JSON data line), stall
 to a request that would be the (N+1)-th concurrent stream (a server that fails
 only under load); ``--strict`` answers 422 to a request field that OpenAI's
 Chat Completions API does not define, as ``transformers serve`` does (a server
-that takes no extensions); ``--drop-kept-alive N`` closes the connection without
+that takes no extensions); ``--tls-cert``/``--tls-key`` serve HTTPS; ``--drop-kept-alive N`` closes the connection without
 answering every N-th chat request that arrives on a reused (kept-alive)
 connection, as llama.cpp's server sometimes does. Every chat request is logged,
 rejected ones with their status (dropped ones: ``"dropped"``).
@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -196,12 +197,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-kept-alive", type=int, default=0,
                    help="close, unanswered, every N-th request that came on a reused connection (0: never)")
     p.add_argument("--cpu", type=int, default=-1, help="pin the server to this CPU core")
+    p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (and --tls-key)")
+    p.add_argument("--tls-key", help="the certificate's PEM private key")
     return p.parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:
     server = TruthServer(args)
-    srv = await asyncio.start_server(server.handle, "127.0.0.1", args.port, backlog=4096)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    srv = await asyncio.start_server(server.handle, "127.0.0.1", args.port, backlog=4096, ssl=tls)
     print(f"truth server listening on 127.0.0.1:{args.port}", flush=True)
     async with srv:
         await srv.serve_forever()
@@ -223,7 +230,7 @@ def running(port: int, *flags: str) -> Iterator[str]:
         line = proc.stdout.readline()  # the "listening" line, or an error
         if "listening" not in line:
             raise RuntimeError(f"truth server did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}")
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if '--tls-cert' in flags else 'http'}://127.0.0.1:{port}"
     finally:
         proc.terminate()
         try:
@@ -235,7 +242,8 @@ def running(port: int, *flags: str) -> Iterator[str]:
 
 def fetch_truth(url: str) -> dict[str, dict]:
     """The server's emit log: request id -> {recv, emits, tokens, end, authorization}."""
-    with urllib.request.urlopen(f"{url}/truth", timeout=10) as resp:
+    tls = ssl._create_unverified_context() if url.startswith("https") else None  # the tests' self-signed certificate
+    with urllib.request.urlopen(f"{url}/truth", timeout=10, context=tls) as resp:
         return json.loads(resp.read())
 
 

@@ -38,6 +38,18 @@ def require_binary(name: str) -> str:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key for 127.0.0.1, made here with Debian's openssl."""
+    openssl = require_binary("openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 # ---------------------------------------------------------------------------
 # One real Ray Serve app for the whole test session (BRIEF contract 3).
 # ---------------------------------------------------------------------------

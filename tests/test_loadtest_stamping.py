@@ -7,6 +7,7 @@ import time
 
 import gevent
 import gevent.socket
+import gevent.ssl
 import pytest
 from geventhttpclient.response import HTTPSocketResponse
 
@@ -112,6 +113,62 @@ def test_a_first_token_sent_with_the_headers_keeps_its_kernel_arrival_time(loop)
         sock.close()
 
 
+def _two_tokens_while_busy(server, token: bytes, done: bytes) -> None:
+    """Two tokens 15 ms apart that wait in the kernel while this process is busy (30 ms); the end 20 ms later."""
+    server.sendall(token)
+    time.sleep(0.015)  # a real sleep: the reader cannot run
+    server.sendall(token)
+    time.sleep(0.015)
+    gevent.get_hub().loop.update_now()  # the loop's clock, too, missed the 30 ms
+    gevent.spawn_later(0.02, server.sendall, done)
+
+
+def _tls_pair(tls_cert) -> tuple:
+    """A TLS connection on loopback: (client, server), gevent's sockets."""
+    server_tls = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)  # gevent's: cooperative handshakes
+    server_tls.load_cert_chain(*map(str, tls_cert))
+    client_tls = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    client_tls.check_hostname, client_tls.verify_mode = False, gevent.ssl.CERT_NONE
+    client_raw, server_raw = _connected()
+    accepting = gevent.spawn(server_tls.wrap_socket, server_raw, server_side=True)
+    client = client_tls.wrap_socket(client_raw)
+    return client, accepting.get(timeout=5)
+
+
+@pytest.mark.parametrize("reader", ["prompt", "late"])
+def test_over_tls_reads_carry_the_kernels_arrival_time(loop, tls_cert, reader):
+    """Over TLS a one-byte peek before each read gives the kernel's arrival time. Two token records
+    15 ms apart: read promptly, each keeps its own time; waiting together for a reader 30 ms late, the
+    kernel holds them under the newer one's time, which both get (not the clock's, 15 ms later), and
+    the record says the first token was read late together with the next."""
+    keeper = kernel_timestamps_on()
+    client, server = _tls_pair(tls_cert)
+    server.sendall(HEAD)
+    response = HTTPSocketResponse(client)
+    token = _chunked(_event({"choices": [{"delta": {"content": "a"}}]}))
+    done = _chunked(_event("[DONE]")) + b"0\r\n\r\n"
+    t0 = time.perf_counter()
+    if reader == "late":
+        _two_tokens_while_busy(server, token, done)  # one TLS record each
+    else:
+        server.sendall(token)
+        gevent.spawn_later(0.015, server.sendall, token)
+        gevent.spawn_later(0.03, server.sendall, done)
+    reads = SocketReads(response, loop)
+    blocks = reads.read(stall_timeout=5.0)
+    rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=2)
+    consume(rec, blocks, t0, reads.late_blocks)
+    assert rec.ok and rec.output_tokens == 2 and reads.delays_s
+    if reader == "prompt":
+        assert rec.ttft_s < 0.005 and 0.012 < rec.itl_s[0] < 0.025 and not rec.first_token_late_shared
+    else:
+        assert 0.012 < rec.ttft_s < 0.025  # the second record's arrival; the clock would say >= 30 ms
+        assert rec.itl_s == [0.0] and rec.first_token_late_shared and rec.late_shared_reads == 1
+        assert max(reads.delays_s) >= 0.012  # the lateness reaches the self-check
+    for sock in (client, server, keeper):
+        sock.close()
+
+
 def test_the_loop_reads_a_burst_of_streams_each_to_its_own_end(any_loop):
     """64 streams whose chunks are written in the same millisecond, read by the one loop: every stream gets
     exactly its own bytes, in order, and its greenlet wakes only when its body has ended."""
@@ -206,12 +263,7 @@ def test_tokens_read_late_together_are_counted_and_tokens_written_together_are_n
         response = HTTPSocketResponse(client)
         t0 = time.perf_counter()
         if late:
-            server.sendall(token)
-            time.sleep(0.015)  # the generator is busy: both tokens wait for it
-            server.sendall(token)
-            time.sleep(0.015)
-            gevent.get_hub().loop.update_now()
-            gevent.spawn_later(0.02, server.sendall, done)
+            _two_tokens_while_busy(server, token, done)
         else:
             gevent.spawn_later(0.01, server.sendall, token + token)  # written at once, read promptly
             gevent.spawn_later(0.03, server.sendall, done)
