@@ -6,6 +6,7 @@ out of). The GLM-4.1V checkpoint path (vision tower, thinking) is in test_glm4v_
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -119,6 +120,18 @@ def test_closing_the_stream_cancels_and_frees_the_slot(engine, run):
 
 
 def test_cancelling_the_consumer_task_cancels_the_request(engine, run):
+    """The consumer's task is cancelled mid-stream: the request leaves the batch and frees its KV blocks.
+
+    Each decode step is slowed to 5 ms (a real sleep, which frees the GIL): at full speed on a busy
+    2-core machine the library's thread once generated 4,170 tokens before the cancelled consumer
+    got the GIL back, filled the tiny KV cache and failed the request instead.
+    """
+    real_forward = engine.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.005)
+        return real_forward(*args, **kwargs)
+
     async def cancel_midway():
         started = asyncio.Event()
 
@@ -133,7 +146,11 @@ def test_cancelling_the_consumer_task_cancels_the_request(engine, run):
             await task
         await wait_idle(engine)
 
-    run(cancel_midway())
+    engine.model.forward = slow_forward
+    try:
+        run(cancel_midway())
+    finally:
+        engine.model.forward = real_forward
 
 
 def test_cuda_oom_is_engine_oom_and_engine_recovers(engine, run):
