@@ -40,7 +40,7 @@ import gevent.socket
 import gevent.ssl
 from gevent.event import Event
 from geventhttpclient.client import HTTPClientPool
-from geventhttpclient.connectionpool import ConnectionPool
+from geventhttpclient.connectionpool import ConnectionPool, SSLConnectionPool
 
 Clock = Callable[[], float]
 Block = tuple[float, bytes]  # (stamp, bytes one read delivered)
@@ -48,7 +48,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value; Python 
 _TIMESPEC = struct.Struct("@qq")
 _ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
 READ_TICK_S = 0.001  # how long the read loop lets a burst gather (bounds the error where the kernel gives no stamp)
-PEEK_TO_READ_S = 0.001  # a TLS read this long after its peek waited for more bytes: its peeked arrival is not its own
+FINISH_WAIT_S = 0.02  # how long a greenlet-read stream waits for the body's end after [DONE] (then the connection closes)
 LATE_READ_S = 0.005  # a read pass is late when one of its reads came this long after its bytes (--max-stamp-delay-ms)
 _unpack_timespec, _wall_ns, _REALTIME = _TIMESPEC.unpack_from, time.clock_gettime_ns, time.CLOCK_REALTIME
 _LINUX = sys.platform.startswith("linux")  # SO_TIMESTAMPNS is Linux's
@@ -188,6 +188,7 @@ class SocketReads:
                 return self.blocks
             if self.loop is None or isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)):  # recvmsg would bypass TLS
                 self._read_in_greenlet(sock, stall_timeout)
+                self._finish_in_greenlet(sock)
             else:
                 _Stream(self, sock).wait(self.loop, stall_timeout)
                 self._finish_after_done(sock._sock)
@@ -225,6 +226,23 @@ class SocketReads:
             resp.feed(data)
             del resp._body_buffer[:]  # after [DONE]: nothing there is read
 
+    def _finish_in_greenlet(self, sock) -> None:
+        """After ``[DONE]``, read the end of the body, which servers write right after it, waiting at
+        most ``FINISH_WAIT_S``, so the connection can be reused.
+
+        Over TLS the end comes in a record of its own, usually after the ``[DONE]`` record was read;
+        left unread, the connection was closed and every request paid a new TCP and TLS handshake
+        inside its TTFT (160 requests, 160 connections, before this).
+        """
+        resp = self.response
+        with gevent.Timeout(FINISH_WAIT_S, False):
+            while not resp.message_complete and resp._sock is not None:
+                data = sock.recv(resp.block_size)
+                if not data:
+                    break
+                resp.feed(data)
+        del resp._body_buffer[:]  # after [DONE]: nothing there is read
+
     def take(self, data: bytes, t: float) -> bool:
         """Feed one read's bytes, stamped ``t``; True once the body has ended."""
         resp = self.response
@@ -250,53 +268,23 @@ class SocketReads:
     def _read_in_greenlet(self, sock, stall_timeout: float) -> None:
         """TLS or no epoll: the socket's own blocking reads, in this greenlet.
 
-        Over TLS on Linux, before each read that must go to the kernel, a one-byte peek
-        (``MSG_PEEK``, nothing consumed) asks for the kernel's arrival time of the bytes waiting
-        (as for a plain read, the newest: the kernel merges what waits in one socket and keeps
-        the newest time). A TLS read decrypts one record, so records that waited together are
-        read one by one under one kernel time: they get the very same stamp, and where that
-        read was late they count as read late together, as in one plain read. Bytes TLS already
-        holds decrypted (``pending``) keep the stamp of the record read last. A read that had to
-        wait after its peek (a record without data, or the record's end still on its way) takes
-        the clock after it: the peeked time would be too early. Elsewhere: the clock after the read.
+        Stamped by the socket where it keeps the kernel's arrival time (:class:`StampedSSLSocket`,
+        :class:`StampedSocket`: ``arrived``, ``delay_s``), else by the clock after the read.
         """
         size, clock = self.response.block_size, self.clock
-        raw = sock._sock if _LINUX and isinstance(sock, (ssl.SSLSocket, gevent.ssl.SSLSocket)) else None
-        peek = raw is not None and _ask_for_kernel_stamps(raw)
-        arrived, late, newest = None, False, None  # the stamp of the bytes being read (None: the clock after it)
         while True:
-            peeked_at = None
             with gevent.Timeout(stall_timeout, StallTimeout(f"timed out: no byte for {stall_timeout:g} s")):
-                if peek and not sock.pending():
-                    gevent.socket.wait_read(raw.fileno())
-                    peeked, peeked_at = self._peek(raw), clock()
-                    if peeked is None:
-                        arrived, late, newest = None, False, None
-                    elif peeked[0] != newest:  # new bytes (the same kernel time: still the bytes stamped last)
-                        newest, arrived, late = peeked[0], peeked[1], peeked[2] > self.late_s
                 data = sock.recv(size)
             t = clock()
-            if peeked_at is not None and t - peeked_at > PEEK_TO_READ_S:
-                arrived, late, newest = None, False, None
+            arrived, delay = getattr(sock, "arrived", None), getattr(sock, "delay_s", None)
             blocks = len(self.blocks)
             ended = self.take(data, t if arrived is None else arrived)
-            if late and len(self.blocks) > blocks:
-                self.late_blocks.add(blocks)
+            if delay is not None:
+                self.delays_s.append(delay)
+                if delay > self.late_s and len(self.blocks) > blocks:
+                    self.late_blocks.add(blocks)
             if ended:
                 return
-
-    def _peek(self, raw: socket.socket) -> tuple[bytes, float, float] | None:
-        """(the kernel's raw arrival time, it on the clock, the stamping delay) of the bytes waiting; None: not known."""
-        try:
-            _data, ancillary, _flags, _addr = raw.recvmsg(1, _ANCILLARY, socket.MSG_PEEK)
-        except BlockingIOError:
-            return None
-        now = self.clock()
-        delay = kernel_delay(ancillary)
-        if delay is None:
-            return None
-        self.delays_s.append(delay)
-        return ancillary[0][2], now - delay, delay
 
 
 def has_done_line(body: bytes | bytearray, since: int = 0) -> bool:
@@ -412,19 +400,83 @@ class StampedSocket(gevent.socket.socket):
         return data
 
 
+class StampedSSLSocket(gevent.ssl.SSLSocket):
+    """A TLS client connection whose every ``recv`` keeps the kernel's arrival time of the record it returned.
+
+    ``recvmsg`` would bypass TLS, so before each read that goes to the kernel a one-byte peek
+    (``MSG_PEEK``, nothing consumed) asks for the arrival time of the bytes waiting: as for a
+    plain read, the newest (the kernel merges what waits in one socket and keeps the newest
+    time). A read that needs more bytes than were waiting (a record without data such as TLS
+    1.3's session tickets, or a record whose end is still on its way) waits and peeks again, so
+    the stamp is the arrival of the bytes that completed the record. A TLS read decrypts one
+    record, so records that waited together are read one by one under one kernel time: they get
+    the very same stamp. Bytes TLS already holds decrypted (``pending``) keep the stamp of the
+    record read last. The header read and the body reads both go through it.
+    Linux only (``SO_TIMESTAMPNS``); made by :class:`StampingClientPool` through the TLS context's
+    ``sslsocket_class``, the standard library's hook for a custom socket class.
+    """
+
+    arrived: float | None = None  # clock time of the newest recv's bytes (None: not known)
+    delay_s: float | None = None  # its stamping delay
+    _kernel_time: bytes | None = None
+    _stamping: bool | None = None
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if self.pending():  # decrypted already: the record read last, its stamp
+            return super().recv(buflen, flags)
+        if self._stamping is None:
+            self._stamping = _ask_for_kernel_stamps(self._sock)
+        if not self._stamping:
+            return super().recv(buflen, flags)
+        timeout = self.gettimeout()
+        self.settimeout(0.0)  # a record that needs more bytes comes back here, to be stamped by their arrival
+        try:
+            while True:
+                try:
+                    self._stamp(_peek(self._sock))
+                except BlockingIOError:  # nothing waiting yet
+                    gevent.socket.wait_read(self.fileno(), timeout=timeout)
+                    continue
+                try:
+                    return super().recv(buflen, flags)
+                except ssl.SSLWantReadError:  # a record without data (session tickets), or one still on its way
+                    continue
+                except ssl.SSLWantWriteError:
+                    gevent.socket.wait_write(self.fileno(), timeout=timeout)
+        finally:
+            self.settimeout(timeout)
+
+    def _stamp(self, peeked: tuple[bytes, float] | None) -> None:
+        now = time.perf_counter()
+        if peeked is None:
+            self.arrived = self.delay_s = self._kernel_time = None
+        elif peeked[0] != self._kernel_time:  # new bytes (the same kernel time: still the bytes stamped last)
+            self._kernel_time, self.delay_s = peeked
+            self.arrived = now - self.delay_s
+
+
+def _peek(raw: socket.socket) -> tuple[bytes, float] | None:
+    """(the kernel's raw arrival time, the stamping delay) of the bytes waiting in ``raw``; None: not known.
+    Raises BlockingIOError when nothing waits."""
+    _data, ancillary, _flags, _addr = raw.recvmsg(1, _ANCILLARY, socket.MSG_PEEK)
+    delay = kernel_delay(ancillary)
+    return None if delay is None else (ancillary[0][2], delay)
+
+
 class _StampedConnectionPool(ConnectionPool):
     def _create_tcp_socket(self, family: int, socktype: int, protocol: int) -> gevent.socket.socket:
         return StampedSocket(family, socktype, protocol)  # the pool's documented socket factory
 
 
 class StampingClientPool(HTTPClientPool):
-    """geventhttpclient's per-host client pool, whose plain-TCP connections are :class:`StampedSocket`.
+    """geventhttpclient's per-host client pool, whose connections keep the kernel's arrival times:
+    plain TCP ones are :class:`StampedSocket`, TLS ones (Linux) :class:`StampedSSLSocket`.
 
     geventhttpclient 2.6's ``HTTPClient`` builds its connection pool itself, with no parameter for
     the pool's class, so the plain one is turned into its subclass (``_create_tcp_socket``, the
-    factory geventhttpclient documents for overriding) before the first connection is made. TLS
-    connections keep clock stamps (``recvmsg`` would bypass TLS). tests/test_loadtest_stamping.py
-    proves the stamp is the kernel's.
+    factory geventhttpclient documents for overriding) before the first connection is made; a TLS
+    pool's context gets the socket class. tests/test_loadtest_stamping.py proves the stamps are
+    the kernel's.
     """
 
     def get_client(self, url):
@@ -432,4 +484,6 @@ class StampingClientPool(HTTPClientPool):
         pool = client._connection_pool
         if type(pool) is ConnectionPool:
             pool.__class__ = _StampedConnectionPool
+        elif isinstance(pool, SSLConnectionPool) and _LINUX:
+            pool.ssl_context.sslsocket_class = StampedSSLSocket
         return client

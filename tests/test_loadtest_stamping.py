@@ -13,7 +13,9 @@ from geventhttpclient.response import HTTPSocketResponse
 
 from contract.record import RequestRecord
 from loadtest._selfcheck import DELAY_BIN_S, stamp_delay_p99
-from loadtest._reads import ReadLoop, SocketReads, StallTimeout, StampingClientPool, kernel_timestamps_on
+from loadtest._reads import (
+    ReadLoop, SocketReads, StallTimeout, StampedSSLSocket, StampingClientPool, kernel_timestamps_on,
+)
 from loadtest._sse import StreamError, consume
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -124,49 +126,85 @@ def _two_tokens_while_busy(server, token: bytes, done: bytes) -> None:
 
 
 def _tls_pair(tls_cert) -> tuple:
-    """A TLS connection on loopback: (client, server), gevent's sockets."""
+    """A TLS connection on loopback: (client, server), gevent's sockets; the client's is a StampedSSLSocket,
+    as StampingClientPool makes them."""
     server_tls = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)  # gevent's: cooperative handshakes
     server_tls.load_cert_chain(*map(str, tls_cert))
     client_tls = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
     client_tls.check_hostname, client_tls.verify_mode = False, gevent.ssl.CERT_NONE
+    client_tls.sslsocket_class = StampedSSLSocket
     client_raw, server_raw = _connected()
     accepting = gevent.spawn(server_tls.wrap_socket, server_raw, server_side=True)
     client = client_tls.wrap_socket(client_raw)
-    return client, accepting.get(timeout=5)
+    server = accepting.get(timeout=5)
+    client.sendall(b"ping")  # one round trip settles the handshake's leftovers (TLS 1.3 session tickets)
+    assert server.recv(4) == b"ping"
+    server.sendall(b"pong")
+    assert client.recv(4) == b"pong"
+    return client, server
 
 
-@pytest.mark.parametrize("reader", ["prompt", "late"])
+@pytest.mark.parametrize("reader", ["prompt", "late", "late, headers with the first token"])
 def test_over_tls_reads_carry_the_kernels_arrival_time(loop, tls_cert, reader):
     """Over TLS a one-byte peek before each read gives the kernel's arrival time. Two token records
     15 ms apart: read promptly, each keeps its own time; waiting together for a reader 30 ms late, the
     kernel holds them under the newer one's time, which both get (not the clock's, 15 ms later), and
-    the record says the first token was read late together with the next."""
+    the record says the first token was read late together with the next. A first token that came
+    with the headers, read 30 ms late by the HTTP client's header read, keeps its arrival time too."""
     keeper = kernel_timestamps_on()
     client, server = _tls_pair(tls_cert)
-    server.sendall(HEAD)
-    response = HTTPSocketResponse(client)
     token = _chunked(_event({"choices": [{"delta": {"content": "a"}}]}))
     done = _chunked(_event("[DONE]")) + b"0\r\n\r\n"
-    t0 = time.perf_counter()
-    if reader == "late":
-        _two_tokens_while_busy(server, token, done)  # one TLS record each
+    if reader == "late, headers with the first token":
+        t0 = time.perf_counter()
+        server.sendall(HEAD + token)
+        time.sleep(0.03)  # the generator is busy: the header read comes 30 ms after the bytes
+        gevent.get_hub().loop.update_now()
+        gevent.spawn_later(0.02, server.sendall, done)
+        response = HTTPSocketResponse(client)
     else:
-        server.sendall(token)
-        gevent.spawn_later(0.015, server.sendall, token)
-        gevent.spawn_later(0.03, server.sendall, done)
+        server.sendall(HEAD)
+        response = HTTPSocketResponse(client)
+        t0 = time.perf_counter()
+        if reader == "late":
+            _two_tokens_while_busy(server, token, done)  # one TLS record each
+        else:
+            server.sendall(token)
+            gevent.spawn_later(0.015, server.sendall, token)
+            gevent.spawn_later(0.03, server.sendall, done)
     reads = SocketReads(response, loop)
     blocks = reads.read(stall_timeout=5.0)
     rec = RequestRecord(id="r", cls="text", thinking=False, short=False, max_tokens=2)
     consume(rec, blocks, t0, reads.late_blocks)
-    assert rec.ok and rec.output_tokens == 2 and reads.delays_s
+    assert rec.ok and reads.delays_s
     if reader == "prompt":
         assert rec.ttft_s < 0.005 and 0.012 < rec.itl_s[0] < 0.025 and not rec.first_token_late_shared
-    else:
+    elif reader == "late":
         assert 0.012 < rec.ttft_s < 0.025  # the second record's arrival; the clock would say >= 30 ms
         assert rec.itl_s == [0.0] and rec.first_token_late_shared and rec.late_shared_reads == 1
         assert max(reads.delays_s) >= 0.012  # the lateness reaches the self-check
+    else:
+        assert rec.ttft_s < 0.005 and reads.delays_s[0] >= 0.025  # the clock would say >= 30 ms
     for sock in (client, server, keeper):
         sock.close()
+
+
+def test_over_tls_the_body_is_read_to_its_end_so_the_connection_can_be_reused(loop, tls_cert):
+    """The chunked body's end comes in a TLS record of its own, here 2 ms after [DONE]: it is read, so the
+    response is complete and its connection goes back to the pool (left unread, every request paid a new
+    TCP and TLS handshake inside its TTFT)."""
+    client, server = _tls_pair(tls_cert)
+    server.sendall(HEAD)
+    response = HTTPSocketResponse(client)
+    server.sendall(_chunked(_event({"choices": [{"delta": {"content": "a"}}]})))
+    server.sendall(_chunked(_event("[DONE]")))
+    gevent.spawn_later(0.002, server.sendall, b"0\r\n\r\n")
+    sock = response._sock
+    blocks = SocketReads(response, loop).read(stall_timeout=5.0)
+    assert len(blocks) == 2 and response.message_complete and not response.should_close()
+    assert not sock.closed  # released to be reused (HTTPSocketResponse has no pool: it keeps it open)
+    client.close()
+    server.close()
 
 
 def test_the_loop_reads_a_burst_of_streams_each_to_its_own_end(any_loop):
