@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from serve.processes import free_port  # noqa: E402
 from loadtest._headless import locust_command  # noqa: E402
-from loadtest._truth_server import fetch_truth, running  # noqa: E402
+from loadtest._truth_server import fetch_truth, running, self_signed_cert  # noqa: E402
 
 
 SPAWN_SECONDS = {"staggered": 2.0, "lockstep": 0.0}  # how long spawning all users takes
@@ -57,7 +57,7 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
     report = workdir / f"{pattern}-n{streams}"
     server_flags = ("--ttft", str(args.ttft), "--itl", str(args.itl), "--cpu", str(args.server_cpu),
                     *(["--headers-with-first-token"] if args.headers_with_first_token else []),
-                    *(_self_signed(workdir) if args.tls else []))
+                    *(_tls_flags(workdir) if args.tls else []))
     with running(free_port(), *server_flags) as url:
         cmd = locust_command(url, report, streams, f"{args.duration}s", "--mix", "text=1", "--short-share", "0",
                              "--input-tokens", "32", "--output-tokens", str(args.tokens),
@@ -110,12 +110,9 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
     }
 
 
-def _self_signed(workdir: Path) -> list[str]:
+def _tls_flags(workdir: Path) -> list[str]:
     """The truth server's flags for HTTPS with a certificate made here (Debian's openssl)."""
-    cert, key = workdir / "cert.pem", workdir / "key.pem"
-    if not cert.exists():
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                        str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_cert(workdir)
     return ["--tls-cert", str(cert), "--tls-key", str(key)]
 
 

@@ -203,10 +203,14 @@ class SocketReads:
         delay = getattr(sock, "delay_s", None)
         if delay is None or not self.response._body_buffer:
             return self.clock()
-        self.delays_s.append(delay)
-        if delay > self.late_s:
-            self.late_blocks.add(0)
+        self._note_delay(delay, block=0)
         return sock.arrived
+
+    def _note_delay(self, delay: float, block: int | None) -> None:
+        """Keep a read's stamping delay for the self-check; mark the block it added (if any) late when it was."""
+        self.delays_s.append(delay)
+        if block is not None and delay > self.late_s:
+            self.late_blocks.add(block)
 
     def _finish_after_done(self, raw: socket.socket) -> None:
         """After ``[DONE]``, take the end of the body if it is already here, so the connection can be reused.
@@ -280,9 +284,7 @@ class SocketReads:
             blocks = len(self.blocks)
             ended = self.take(data, t if arrived is None else arrived)
             if delay is not None:
-                self.delays_s.append(delay)
-                if delay > self.late_s and len(self.blocks) > blocks:
-                    self.late_blocks.add(blocks)
+                self._note_delay(delay, block=blocks if len(self.blocks) > blocks else None)
             if ended:
                 return
 
@@ -330,7 +332,7 @@ class _Stream:
             if self.kernel_stamps:
                 data, ancillary, _flags, _addr = self.raw.recvmsg(self.size, _ANCILLARY)
                 t = self.last_read = self.clock()
-                late = kernel_delay(ancillary) if ancillary else None
+                late = kernel_delay(ancillary)
                 if late is None:
                     late = 0.0
                 else:
@@ -380,8 +382,9 @@ class StampedSocket(gevent.socket.socket):
     holds its headers back until the first token (llmslo's own ingress does: it decides the status
     there) delivers the first token in that same read, and in a burst the user's greenlet gets to
     it late: at 256 lockstep streams the clock stamp taken after it was 0.27 ms late at p50 and
-    6.8 ms at p99 (docs/benchmarks.md), unseen by the self-check. ``arrived`` (clock) and
-    ``delay_s`` describe the newest ``recv``; the body reads that follow go through the raw socket.
+    6.8 ms at p99 (docs/benchmarks.md), unseen by the self-check. ``arrived`` (clock; None: the
+    kernel gave no time) and ``delay_s`` describe the newest ``recv``; the body reads that follow
+    go through the raw socket.
     """
 
     __slots__ = ("arrived", "delay_s")
@@ -396,7 +399,7 @@ class StampedSocket(gevent.socket.socket):
         data, ancillary, _flags, _addr = self.recvmsg(size, _ANCILLARY, flags)
         now = time.perf_counter()
         self.delay_s = kernel_delay(ancillary)
-        self.arrived = now - (self.delay_s or 0.0)
+        self.arrived = None if self.delay_s is None else now - self.delay_s
         return data
 
 

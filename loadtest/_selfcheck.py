@@ -118,6 +118,9 @@ def stamp_delay_p99(bins: list[list[int]]) -> float | None:
     return next((b + 1) * DELAY_BIN_S for b, seen in zip(order, cumulative) if seen >= 0.99 * total)
 
 
+SHARES = ("coalesced_share", "coalesced_first_share", "late_shared_share", "late_shared_first_share")
+
+
 def coalesced_gaps(records) -> dict[str, dict[str, float]]:
     """Per user process, how many tokens shared a socket read with the next one.
 
@@ -140,8 +143,8 @@ def coalesced_gaps(records) -> dict[str, dict[str, float]]:
             counts[4] += r.first_token_late_shared
             counts[5] += 1
     share = lambda n, d: n / d if d else 0.0  # noqa: E731
-    return {worker: {"coalesced_share": share(zero, gaps), "coalesced_first_share": share(first, firsts),
-                     "late_shared_share": share(late, gaps), "late_shared_first_share": share(late_first, firsts)}
+    return {worker: dict(zip(SHARES, (share(zero, gaps), share(first, firsts), share(late, gaps),
+                                      share(late_first, firsts))))
             for worker, (zero, gaps, late, first, late_first, firsts) in out.items()}
 
 
@@ -172,8 +175,7 @@ def validity(
         workers[worker] = {"cpu_percent_p90": cpu, "loop_lag_p99_s": lag, "stamp_delay_p99_s": delay,
                            "stamp_delay_reads": sum(n for _, n in samples.get("stamp_delay_bins") or []),
                            "cpu_seconds": max(samples.get("cpu_seconds") or [0.0])}
-        shares = (coalesced or {}).get(worker) or dict.fromkeys(
-            ("coalesced_share", "coalesced_first_share", "late_shared_share", "late_shared_first_share"), 0.0)
+        shares = (coalesced or {}).get(worker) or dict.fromkeys(SHARES, 0.0)
         workers[worker].update(shares)
         late, first = shares["late_shared_share"], shares["late_shared_first_share"]
         if max(late, first) > max_coalesced_share:

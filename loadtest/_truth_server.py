@@ -33,6 +33,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 MODES = ("ok", "http500", "http400", "midstream", "malformed", "stall", "nodone")
@@ -238,6 +239,16 @@ def running(port: int, *flags: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def self_signed_cert(folder: Path, openssl: str = "openssl") -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1 in ``folder`` (made once, with openssl), for ``--tls-cert``/``--tls-key``."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if not cert.exists():
+        subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def fetch_truth(url: str) -> dict[str, dict]:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 import yaml
 
+from loadtest._truth_server import self_signed_cert
 from serve.processes import free_port  # noqa: F401  (re-exported: tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +42,7 @@ def require_binary(name: str) -> str:
 @pytest.fixture(scope="session")
 def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate and key for 127.0.0.1, made here with Debian's openssl."""
-    openssl = require_binary("openssl")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+    return self_signed_cert(tmp_path_factory.mktemp("tls"), require_binary("openssl"))
 
 
 # ---------------------------------------------------------------------------
