@@ -72,6 +72,7 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240, env=env,
                               preexec_fn=lambda: os.sched_setaffinity(0, {args.client_cpu}))
         truth = fetch_truth(url)
+        floor = _floor(url, streams, args) if args.floor else None
     summary = json.loads((report / "summary.json").read_text())
     records = [json.loads(line) for line in (report / "requests.jsonl").read_text().splitlines()]
     ok = [r for r in records if r["ok"] and r["id"] in truth and r["level"] == streams]
@@ -107,7 +108,17 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
         "invalid_because": summary["validity"]["reasons"],
         "failed": summary["requests"]["failed"],
         "locust_exit": proc.returncode,
+        "floor_cpu_s_per_1000_chunks": floor,
     }
+
+
+def _floor(url: str, streams: int, args: argparse.Namespace) -> float:
+    """CPU-s per 1000 chunks of a bare asyncio reader (benchmarks/raw_floor.py): same server, streams, core."""
+    cmd = [sys.executable, str(REPO / "benchmarks" / "raw_floor.py"), "--url", url, "--streams", str(streams),
+           "--duration", str(args.duration), "--tokens", str(args.tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=args.duration + 120,
+                         preexec_fn=lambda: os.sched_setaffinity(0, {args.client_cpu}))
+    return json.loads(out.stdout)["cpu_s_per_1000_chunks"]
 
 
 def _tls_flags(workdir: Path) -> list[str]:
@@ -126,12 +137,17 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['pattern']} | {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
             f"| {r['itl_err_p50_ms']:.2f} / {r['itl_err_p99_ms']:.2f} | {achieved} of {r['streams']} "
-            f"| {r['cpu_s_per_1000_chunks']:.3f} | {r['generator_cpu_p90'] or 0:.0f} % | {r['stamp_delay_p99_ms']:.1f} "
+            f"| {r['cpu_s_per_1000_chunks']:.3f}{_floor_cell(r)} | {r['generator_cpu_p90'] or 0:.0f} % | {r['stamp_delay_p99_ms']:.1f} "
             f"| {(r['coalesced_share'] or 0):.2%} "
             f"| {(r['late_shared_share'] or 0):.2%} ({(r['late_shared_first_share'] or 0):.2%}) | {r['loop_lag_p99_ms']:.1f} "
             f"| {'yes' if r['invalid'] else 'no'} | {r['failed']} |"
         )
     return "\n".join(lines)
+
+
+def _floor_cell(row: dict) -> str:
+    floor = row.get("floor_cpu_s_per_1000_chunks")
+    return "" if floor is None else f" (floor {floor:.3f}: {row['cpu_s_per_1000_chunks'] / floor:.2f}x)"
 
 
 def main() -> None:
@@ -149,6 +165,9 @@ def main() -> None:
                    help="block the generator once for this long (benchmarks/stall_once.py), --stall-at s after "
                         "the test's start (aimed at the first-token burst: the self-check must see it)")
     p.add_argument("--stall-at", type=float, default=0.36)
+    p.add_argument("--floor", action="store_true",
+                   help="also run a bare asyncio reader (benchmarks/raw_floor.py) on the same server and core: "
+                        "this machine's CPU floor per chunk, to read the generator's against")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows here")
