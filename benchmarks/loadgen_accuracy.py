@@ -172,6 +172,8 @@ def main() -> None:
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows here")
     args = p.parse_args()
+    if args.floor and args.tls:
+        p.error("--floor reads plain HTTP only (benchmarks/raw_floor.py): leave out --tls")
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for pattern in args.patterns:

@@ -74,6 +74,8 @@ async def _stream_loop(host: str, port: int, tokens: int, until: float, stamps: 
 
 async def _run(url: str, streams: int, duration: float, tokens: int) -> dict:
     parts = urlsplit(url)
+    if parts.scheme != "http":
+        raise SystemExit(f"raw_floor reads plain HTTP only, not {url}")
     until = time.perf_counter() + duration
     stamps: list[float] = []
     cpu0 = _cpu_s()
