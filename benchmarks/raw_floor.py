@@ -1,14 +1,14 @@
 """The machine's floor for a streaming client's CPU: a bare asyncio reader, nothing else.
 
 ``benchmarks/loadgen_accuracy.py --floor`` runs it against the same truth server, with the same
-streams, pattern and reply length as the load test, pinned to the same core, so the load
-generator's CPU per chunk can be read against what this machine costs for the reads alone
-(CPU per chunk differs about 2x between the VMs this project has run on: docs/benchmarks.md).
-Each stream keeps one connection and, in a loop, sends a request and takes the response in
-whatever pieces arrive (an ``asyncio.Protocol``'s ``data_received``: asyncio's cheapest read
-path), takes the clock once per piece and counts token chunks with one substring count; no
-parsing, no records, no statistics. The CPU is this process's user +
-system time while the streams run; chunks are the token chunks read.
+streams and reply length as the load test, pinned to the same core, so the load generator's CPU
+per chunk can be read against what this machine costs for the reads alone (CPU per chunk differs
+about 2x between the VMs this project has run on: docs/benchmarks.md). Every stream starts at
+once (the lockstep pattern), keeps one connection and, in a loop, sends a request and takes the
+response in whatever pieces arrive (an ``asyncio.Protocol``'s ``data_received``: asyncio's
+cheapest read path), taking the clock once per piece and counting token chunks with one
+substring count; no parsing, no records, no statistics. The CPU is this process's user + system
+time while the streams run; chunks are the token chunks read.
 
     python benchmarks/raw_floor.py --url http://127.0.0.1:8123 --streams 256 --duration 20 --tokens 64
 """
