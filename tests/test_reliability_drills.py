@@ -148,6 +148,10 @@ def test_replica_kill_and_prometheus_restart_during_a_load_test(serve_faults, pr
 
         # Prometheus drill, still during the load: stop it, keep the load going, start it again.
         before = time.time()
+        # Prometheus stamps a scrape's samples with its start and writes them when it ends (timeout =
+        # the 1 s interval): wait that out, or a scrape running at `before` that then fails adds an
+        # up=0 at or before `before` after the query below (seen once on a slow VM)
+        time.sleep(1.5)
         up_before = prom.query(f'up{{job="{names.SERVER_JOB}"}}', at=before)
         assert up_before, "nothing scraped before the stop"
         prom.stop()
