@@ -67,8 +67,9 @@ class _Stream(asyncio.Protocol):
 
 async def _stream_loop(host: str, port: int, tokens: int, until: float, stamps: list[float]) -> int:
     """One closed-loop stream until ``until``; returns the token chunks it read."""
-    done = asyncio.get_running_loop().create_future()
-    await asyncio.get_running_loop().create_connection(lambda: _Stream(host, tokens, until, stamps, done), host, port)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    await loop.create_connection(lambda: _Stream(host, tokens, until, stamps, done), host, port)
     return await done
 
 

@@ -36,6 +36,7 @@ from loadtest import run_headless
 from serve import metrics as M
 from test_serve_metrics import quiet_scrape, scrape, total
 
+SCRAPE_S = 1  # Prometheus scrape and rule interval, seconds (its scrape timeout is the same)
 FOR = "2s"
 OUTPUT_TOKENS = 200
 # The fixture's engine runs 10x faster than calibrated, faster than one ingress on 2 shared
@@ -102,7 +103,7 @@ def prometheus(serve_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     (tmp / "rules.yml").write_text(to_yaml(rules.rule_file(load_slo(), for_override=FOR)))
     client_port = free_port()
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
         "rule_files": [str(tmp / "rules.yml")],
         "scrape_configs": [
             {"job_name": names.SERVER_JOB, "static_configs": [{"targets": [f"127.0.0.1:{serve_app.metrics_port}"]}]},
@@ -148,10 +149,10 @@ def test_replica_kill_and_prometheus_restart_during_a_load_test(serve_faults, pr
 
         # Prometheus drill, still during the load: stop it, keep the load going, start it again.
         before = time.time()
-        # Prometheus stamps a scrape's samples with its start and writes them when it ends (timeout =
-        # the 1 s interval): wait that out, or a scrape running at `before` that then fails adds an
+        # Prometheus stamps a scrape's samples with its start and writes them when it ends (its timeout
+        # is the interval): wait that out, or a scrape running at `before` that then fails adds an
         # up=0 at or before `before` after the query below (seen once on a slow VM)
-        time.sleep(1.5)
+        time.sleep(1.5 * SCRAPE_S)
         up_before = prom.query(f'up{{job="{names.SERVER_JOB}"}}', at=before)
         assert up_before, "nothing scraped before the stop"
         prom.stop()
