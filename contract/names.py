@@ -55,6 +55,9 @@ GPU_TEMPERATURE = "ray_llmslo_gpu_temperature_celsius"
 GPU_ENERGY = "ray_llmslo_gpu_energy_joules_total"
 NVML_AVAILABLE = "ray_llmslo_nvml_available"
 PROCESS_CPU = "ray_llmslo_process_cpu_percent"
+# PROCESS_CPU is the CPU of the last CPU_WINDOW_S seconds, refreshed every 0.5 s: top's default
+# refresh, the tool the seed measures "CPU 占用率 < 70%" with, so one busy half-second does not decide
+CPU_WINDOW_S = 3.0
 REPLICA_CAPACITY = "ray_llmslo_replica_max_ongoing_requests"
 DEPLOYMENT_MAX_REPLICAS = "ray_llmslo_deployment_max_replicas"
 MODEL_COMPONENT = "replica"   # component label of model replicas (the ingress is "ingress"), serve/model.py

@@ -18,7 +18,8 @@ Exported names (logical, before Ray's prefix), BRIEF contract 2:
   started sampling (from NVML's total-energy counter, mJ -> J)
 - ``llmslo_nvml_available{model,component}`` 1 when NVML answered, else 0
 - ``llmslo_process_cpu_percent{model,component}``: CPU time of this node's
-  serving processes of one role over the last sampling interval, as a share of
+  serving processes of one role over the last 3 s (``CPU_WINDOW_S``, top's
+  refresh; re-set every sampling interval), as a share of
   the whole machine (100 = every logical CPU busy). Roles (``component``):
   ``ingress``, ``replica`` (model replicas), ``http_proxy`` (HAProxy and
   Ray's proxy actors), ``serve_controller``, ``raylet``, ``gcs``, ``ray_other`` (dashboard, agents,
@@ -48,6 +49,7 @@ import re
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -56,7 +58,7 @@ import psutil
 import pynvml
 
 from contract.names import (
-    GPU_ENERGY, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_POWER_LIMIT, GPU_TEMPERATURE,
+    CPU_WINDOW_S, GPU_ENERGY, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_POWER_LIMIT, GPU_TEMPERATURE,
     GPU_UTILIZATION, NVML_AVAILABLE, PROCESS_CPU, REPLICA_CAPACITY, DEPLOYMENT_MAX_REPLICAS, logical,
 )
 
@@ -238,23 +240,31 @@ def _children(proc: psutil.Process) -> list[psutil.Process]:
 
 
 class CpuReader:
-    """CPU use of a set of processes since the previous reading, per role, as a share of
-    the whole machine.
+    """CPU use of a set of processes over the last ``window_s`` seconds, per role, as a share
+    of the whole machine.
 
-    CPU time advances in scheduler ticks (10 ms), so a window of a few
-    milliseconds turns one tick into hundreds of percent (the sampler's first
-    reading came right after start-up and showed 1119 %). Readings over less
-    than ``min_window_s`` are withheld: ``read`` returns the last full-window
-    value, or None before there is one. A process first seen in a window only
-    sets its baseline (its earlier CPU is not this window's).
+    Why a window of seconds: the seed measures "CPU < 70 %" with top/htop, which show
+    averages over their refresh (3 s for top); a half-second window let one busy moment
+    (a burst of first tokens, a GC) decide the KPI. CPU time advances in scheduler ticks
+    (10 ms), so the window is built from steps of at least ``min_window_s`` (a step of a few
+    milliseconds turns one tick into hundreds of percent): each ``read`` that ends a step
+    keeps that step's CPU, and the value is the CPU of the newest steps covering
+    ``window_s`` divided by their wall time (``window_s`` to ``window_s`` + one step).
+    ``read`` returns None until the steps cover ``window_s``, and between steps the last
+    value. A process first seen in a step only sets its baseline (its earlier CPU is not
+    this step's).
     """
 
-    def __init__(self, processes: Callable[[], Tree], min_window_s: float = 0.5) -> None:
+    def __init__(self, processes: Callable[[], Tree], min_window_s: float = 0.5,
+                 window_s: float = CPU_WINDOW_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._processes = processes
         self._cpus = psutil.cpu_count() or 1
         self._min_window_s = min_window_s
-        self._last_wall = time.monotonic()
+        self._window_s = window_s
+        self._clock = clock
+        self._last_wall = clock()
         self._last = self._cpu_seconds()
+        self._steps: deque[tuple[float, dict[str, float]]] = deque()  # (wall seconds, CPU seconds by role)
         self._value: dict[str, float] | None = None
 
     def _cpu_seconds(self) -> dict[int, tuple[str, float]]:
@@ -268,15 +278,24 @@ class CpuReader:
         return out
 
     def read(self) -> dict[str, float] | None:
-        wall = time.monotonic()
+        wall = self._clock()
         if wall - self._last_wall < self._min_window_s:
             return self._value
         now = self._cpu_seconds()
         used: dict[str, float] = {}
         for pid, (role, seconds) in now.items():
             used[role] = used.get(role, 0.0) + (seconds - self._last[pid][1] if pid in self._last else 0.0)
-        self._value = {role: 100.0 * s / (wall - self._last_wall) / self._cpus for role, s in used.items()}
+        self._steps.append((wall - self._last_wall, used))
         self._last_wall, self._last = wall, now
+        while sum(d for d, _ in self._steps) - self._steps[0][0] >= self._window_s:
+            self._steps.popleft()  # the newer steps alone still cover the window
+        span = sum(d for d, _ in self._steps)
+        if span >= self._window_s:
+            total: dict[str, float] = {}
+            for _, step in self._steps:
+                for role, seconds in step.items():
+                    total[role] = total.get(role, 0.0) + seconds
+            self._value = {role: 100.0 * s / span / self._cpus for role, s in total.items()}
         return self._value
 
 

@@ -170,7 +170,7 @@ def _panel_has_data(monitor: Monitor, expr: str) -> bool:
 def test_clean_load_fills_every_panel_and_raises_no_alert(monitor: Monitor, serve_faults, tmp_path: Path) -> None:
     app = serve_faults
     # 1 user: CPUHigh counts the whole serving tree (Ray's proxy, agents, GCS too: docs/serve.md#server-cpu),
-    # in 0.5 s windows. 2 users of the 10x-fast engine peaked at 74 % of this 2-vCPU VM and CI saw CPUHigh
+    # (then in 0.5 s windows, now 3 s). 2 users of the 10x-fast engine peaked at 74 % of this 2-vCPU VM and CI saw CPUHigh
     # pending: not a clean load. 1 user peaked at 52-54 %
     load = ThreadPoolExecutor(1).submit(
         run_headless, app.url, tmp_path / "load", 1, "45s", "--client-metrics-port", str(monitor.client_metrics_port),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -61,7 +62,7 @@ def test_cpu_reader_is_a_share_of_the_machine() -> None:
     unjudged = telemetry.CpuReader(lambda: {me.pid: ("self", me)}, min_window_s=60)
     sum(i * i for i in range(200_000))  # burn CPU inside a window too short to judge
     assert unjudged.read() is None  # a few ms would turn one 10 ms tick into hundreds of percent
-    cpu = telemetry.CpuReader(lambda: {me.pid: ("self", me)}, min_window_s=0.2)
+    cpu = telemetry.CpuReader(lambda: {me.pid: ("self", me)}, min_window_s=0.2, window_s=0.2)
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline:  # busy for a full window: one core of the machine
         pass
@@ -69,6 +70,35 @@ def test_cpu_reader_is_a_share_of_the_machine() -> None:
     assert value is not None and 0.0 < value["self"] <= 100.0
     one_core = 100.0 / (psutil.cpu_count() or 1)
     assert value["self"] <= one_core * 1.1  # one busy thread can use at most one core (less on a loaded machine)
+
+
+class _Ticking:
+    """A process whose CPU seconds the test sets (psutil's ``cpu_times`` shape)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def cpu_times(self) -> SimpleNamespace:
+        return SimpleNamespace(user=self.seconds, system=0.0)
+
+
+def test_cpu_is_judged_over_seconds_not_one_busy_half_second() -> None:
+    proc, now = _Ticking(), [0.0]
+    cpu = telemetry.CpuReader(lambda: {1: ("replica", proc)}, min_window_s=0.5, window_s=3.0, clock=lambda: now[0])
+    one_core = 100.0 / (psutil.cpu_count() or 1)
+    readings = []
+    for step in range(12):  # 0.5 s steps: one busy half-second (one core), then idle
+        now[0] += 0.5
+        proc.seconds += 0.5 if step == 6 else 0.0
+        readings.append(cpu.read())
+    assert readings[:5] == [None] * 5, "no value before the steps cover the window"
+    assert readings[5]["replica"] == 0.0
+    assert [r["replica"] for r in readings[6:]] == pytest.approx([one_core / 6] * 6)  # 0.5 CPU-s in 3 s, six times
+    now[0] += 0.5
+    assert cpu.read()["replica"] == 0.0, "the busy step has left the window"
+    now[0] += 3.0
+    proc.seconds += 3.0  # a busy stretch as long as the window reads as the core it used
+    assert cpu.read()["replica"] == pytest.approx(one_core)
 
 
 @pytest.mark.parametrize("name, title, role", [
