@@ -148,6 +148,19 @@ def coalesced_gaps(records) -> dict[str, dict[str, float]]:
             for worker, (zero, gaps, late, first, late_first, firsts) in out.items()}
 
 
+# A generator process below this CPU p90 (percent of one core) had time to spare: when it still read
+# late, something held it up rather than its own load (README troubleshooting says how to tell which).
+SPARE_CPU_P90 = 50.0
+
+
+def _held_up(cpu: float | None) -> str:
+    """The hint added to a late-read or loop-lag reason of a process that was not busy."""
+    if cpu is None or cpu >= SPARE_CPU_P90:
+        return ""
+    return (f" (not its own load: CPU p90 {cpu:.0f}%; held up by the machine (other processes, the VM host) "
+            "or by one long step of its own: README, troubleshooting)")
+
+
 def validity(
     per_worker: dict[str, dict[str, list[float]]],
     schedule_lags: list[float],
@@ -178,14 +191,15 @@ def validity(
         shares = (coalesced or {}).get(worker) or dict.fromkeys(SHARES, 0.0)
         workers[worker].update(shares)
         late, first = shares["late_shared_share"], shares["late_shared_first_share"]
+        held_up = _held_up(cpu)
         if max(late, first) > max_coalesced_share:
             reasons.append(f"{worker}: {late:.1%} of tokens ({first:.1%} of first tokens) were read late together "
                            f"with the next one > {max_coalesced_share:.0%} (a read pass came more than "
-                           "--max-stamp-delay-ms after its bytes: those tokens carry the next one's arrival)")
+                           f"--max-stamp-delay-ms after its bytes: those tokens carry the next one's arrival){held_up}")
         if cpu is not None and cpu > max_cpu:
             reasons.append(f"{worker}: CPU p90 {cpu:.0f}% > {max_cpu:.0f}%")
         if lag is not None and lag > max_loop_lag_s:
-            reasons.append(f"{worker}: gevent loop lag p99 {lag * 1e3:.1f} ms > {max_loop_lag_s * 1e3:.1f} ms")
+            reasons.append(f"{worker}: gevent loop lag p99 {lag * 1e3:.1f} ms > {max_loop_lag_s * 1e3:.1f} ms{held_up}")
     lag99 = float(np.percentile(schedule_lags, 99)) if schedule_lags else None
     if lag99 is not None and lag99 > max_schedule_lag_s:
         reasons.append(

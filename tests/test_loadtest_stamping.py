@@ -342,6 +342,10 @@ def test_a_run_is_invalid_when_tokens_or_first_tokens_shared_late_reads():
     assert valid(server_wrote_together)
     assert not valid(read_late_together)
     assert not valid(first_tokens)  # 0.1 % of tokens, but 10 % of first tokens
+    reasons = validity({"w": samples}, [], 90, 0.02, 0.1, read_late_together, 0.01)["reasons"]
+    assert "not its own load: CPU p90 10%" in reasons[0]  # a process with time to spare was held up
+    busy = validity({"w": {**samples, "cpu_percent": [80.0]}}, [], 90, 0.02, 0.1, read_late_together, 0.01)
+    assert "not its own load" not in busy["reasons"][0]
 
 
 def test_a_block_stamped_later_than_the_next_one_is_capped_at_it():
