@@ -13,9 +13,10 @@ so they only grow along the path.
 USAGE_KEY = "llmslo_timing"
 
 INGRESS_RECEIVED_UNIX = "ingress_received_unix_s"  # wall clock (time.time()) when the ingress began handling it
-REPLICA_STARTED = "replica_started_s"  # -> the model replica began it (validation, media, Ray routing)
+INGRESS_DISPATCHED = "ingress_dispatched_s"  # -> the ingress handed it to Ray's router (body read, validated, media decoded, tokens counted)
+REPLICA_STARTED = "replica_started_s"  # -> the model replica began it (Ray's router and the hop to the replica after dispatch)
 ENGINE_QUEUE_WAIT = "engine_queue_wait_s"  # time in the engine's own queue (a duration, not a milestone)
 ENGINE_FIRST_TOKEN = "engine_first_token_s"  # -> the engine produced the first token inside the replica
 INGRESS_FIRST_BYTE = "ingress_first_byte_s"  # -> the ingress handed the first token's bytes to the HTTP server
 
-FIELDS = (INGRESS_RECEIVED_UNIX, REPLICA_STARTED, ENGINE_QUEUE_WAIT, ENGINE_FIRST_TOKEN, INGRESS_FIRST_BYTE)
+FIELDS = (INGRESS_RECEIVED_UNIX, INGRESS_DISPATCHED, REPLICA_STARTED, ENGINE_QUEUE_WAIT, ENGINE_FIRST_TOKEN, INGRESS_FIRST_BYTE)

@@ -4,11 +4,12 @@ The llmslo server reports, in ``usage.llmslo_timing`` (contract/timing.py), when
 its ingress received the request and when each later milestone happened (seconds
 from that receipt). With the client's TTFT the whole path adds up:
 
-    client TTFT = client_network + routing + queue + prefill + relay
+    client TTFT = client_network + ingress + routing + queue + prefill + relay
 
 client_network: the client's send -> the ingress, plus the first byte's way back
 (Ray's HTTP proxy both ways, the loopback or network, the client's own stamping);
-routing: ingress -> model replica (validation, media decoding, Ray's router);
+ingress: the ingress's own work before dispatch (body read, validation, media decoding,
+token count); routing: dispatch -> model replica (Ray's router and the hop);
 queue: the engine's own queue; prefill: the rest until the engine's first token;
 relay: engine's first token -> the ingress handing it to the HTTP server.
 Servers that send no timing leave these empty (NOT MEASURED, never guessed).
@@ -20,7 +21,7 @@ from contract import timing as T
 from contract.record import RequestRecord
 from loadtest._stats import percentile
 
-HOPS = ("client_network", "routing", "queue", "prefill", "relay")
+HOPS = ("client_network", "ingress", "routing", "queue", "prefill", "relay")
 
 
 def split(rec: RequestRecord) -> dict[str, float] | None:
@@ -28,12 +29,13 @@ def split(rec: RequestRecord) -> dict[str, float] | None:
     t = rec.server_timing
     if not rec.ok or rec.ttft_s is None or not t or any(t.get(k) is None for k in T.FIELDS[1:]):
         return None
-    routing, queue = t[T.REPLICA_STARTED], t[T.ENGINE_QUEUE_WAIT]
+    started, queue = t[T.REPLICA_STARTED], t[T.ENGINE_QUEUE_WAIT]
     return {
         "client_network": rec.ttft_s - t[T.INGRESS_FIRST_BYTE],
-        "routing": routing,
+        "ingress": t[T.INGRESS_DISPATCHED],
+        "routing": started - t[T.INGRESS_DISPATCHED],
         "queue": queue,
-        "prefill": t[T.ENGINE_FIRST_TOKEN] - routing - queue,
+        "prefill": t[T.ENGINE_FIRST_TOKEN] - started - queue,
         "relay": t[T.INGRESS_FIRST_BYTE] - t[T.ENGINE_FIRST_TOKEN],
     }
 
@@ -41,7 +43,7 @@ def split(rec: RequestRecord) -> dict[str, float] | None:
 def overhead(rec: RequestRecord) -> float | None:
     """Serving-path TTFT overhead: client TTFT minus the engine's own (queue + prefill); None without timing."""
     hops = split(rec)
-    return None if hops is None else hops["client_network"] + hops["routing"] + hops["relay"]
+    return None if hops is None else hops["client_network"] + hops["ingress"] + hops["routing"] + hops["relay"]
 
 
 def by_level(records: list[RequestRecord]) -> dict[int, dict]:

@@ -190,6 +190,7 @@ class Ingress:
         for kind, count in (("image", prepared.images), ("audio", prepared.audios)):
             if count:
                 self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})
+        rec.dispatched = time.monotonic()
         stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive(), time.time())
         items = self._items(stream, rec)
         try:  # a stream's status is decided at its first token; a plain answer's at its end

@@ -42,6 +42,7 @@ class RequestRecord:
     replica: str | None = None
     started: float = field(default_factory=time.monotonic)
     started_unix: float = field(default_factory=time.time)
+    dispatched: float | None = None  # handed to Ray's router (monotonic)
     replica_started_unix: float | None = None
     engine_first_token_unix: float | None = None
     engine_queue_wait_s: float | None = None
@@ -86,6 +87,7 @@ class RequestRecord:
 
         return {
             T.INGRESS_RECEIVED_UNIX: round(self.started_unix, 6),
+            T.INGRESS_DISPATCHED: None if self.dispatched is None else round(self.dispatched - self.started, 6),
             T.REPLICA_STARTED: since_received(self.replica_started_unix),
             T.ENGINE_QUEUE_WAIT: None if self.engine_queue_wait_s is None else round(self.engine_queue_wait_s, 6),
             T.ENGINE_FIRST_TOKEN: since_received(self.engine_first_token_unix),
@@ -99,7 +101,8 @@ class RequestRecord:
         if not self.stream or any(v is None for v in t.values()):
             return
         hops = {
-            "routing": t[T.REPLICA_STARTED],
+            "ingress": t[T.INGRESS_DISPATCHED],
+            "routing": t[T.REPLICA_STARTED] - t[T.INGRESS_DISPATCHED],
             "queue": t[T.ENGINE_QUEUE_WAIT],
             "prefill": t[T.ENGINE_FIRST_TOKEN] - t[T.REPLICA_STARTED] - t[T.ENGINE_QUEUE_WAIT],
             "relay": t[T.INGRESS_FIRST_BYTE] - t[T.ENGINE_FIRST_TOKEN],

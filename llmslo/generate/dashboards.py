@@ -148,8 +148,8 @@ def _latency(cfg: SLOConfig) -> list:
         _series("TTFT by hop", [
             _q(f"histogram_quantile({num(q)}, sum by (le, hop) (rate({n.TTFT_HOP}_bucket{{{M}}}[{RI}])))",
                f"p{round(q * 100)} {{{{hop}}}}") for q in (0.5, 0.95)], "s",
-            "Where the server's TTFT goes (usage.llmslo_timing, docs/serve.md): routing = ingress received to "
-            "model replica started, queue = engine queue, prefill = rest to the engine's first token, "
+            "Where the server's TTFT goes (usage.llmslo_timing, docs/serve.md): ingress = received to handed to "
+            "Ray's router (body, validation, media, tokens), routing = to model replica started, queue = engine queue, prefill = rest to the engine's first token, "
             "relay = to the ingress handing it to the HTTP server."),
     ]
 
