@@ -301,7 +301,7 @@ def save_server_metrics(report_dir: Path, prometheus: str | None, metrics_url: s
 def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
     """Print the final KPI table from summary.json; the exit code is the load test's."""
     from loadtest._hops import lines as hop_lines
-    from loadtest._report import kpi_rows, level_rows
+    from loadtest._report import headline, kpi_rows, level_rows
 
     summary_file = report_dir / "summary.json"
     if not summary_file.exists():
@@ -310,7 +310,7 @@ def verdict(report_dir: Path, locust_code: int, console: Console) -> int:
         return locust_code or 2
     summary = json.loads(summary_file.read_text())
     console.print()
-    console.print(kpi_table(kpi_rows(summary["kpis"]), f"SLO verdict: {summary['verdict']}"))
+    console.print(kpi_table(kpi_rows(summary["kpis"]), headline(summary)))
     console.print(level_table(level_rows(summary["levels"], summary["kpis"])))
     console.print(f"accounting: {summary['accounting_line']}")
     cold = summary["cold_start"]

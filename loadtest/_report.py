@@ -137,11 +137,17 @@ def level_rows_live(summary: dict) -> list[dict]:
     return rows
 
 
+def headline(summary: dict) -> str:
+    """'SLO verdict: PASS  (run VALID)': every place that shows the verdict shows the run's validity with
+    it, so an invalid run's PASS is never read alone."""
+    return f"SLO verdict: {summary['verdict']}  (run {'VALID' if summary['validity']['valid'] else 'INVALID'})"
+
+
 def console_table(summary: dict) -> str:
     """The verdict as fixed-width text."""
     rows = kpi_rows(summary["kpis"])
     head = f"{'KPI':<26} {'value':>14} {'95 % bounds':>24} {'target':>16} {'result':>13}  note"
-    lines = ["", f"SLO verdict: {summary['verdict']}  (run {'VALID' if summary['validity']['valid'] else 'INVALID'})", head]
+    lines = ["", headline(summary), head]
     lines.append("-" * len(head))
     for r in rows:
         lines.append(f"{r['kpi']:<26} {r['value']:>14} {r['bounds']:>24} {r['target']:>16} {r['status']:>13}  {r['note']}")
@@ -272,7 +278,7 @@ def render_html(summary: dict, records: list[RequestRecord]) -> str:
     validity = summary["validity"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>llmslo load test</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px}}</style>
-</head><body><h1>SLO verdict: {html.escape(summary['verdict'])}</h1>
+</head><body><h1>{html.escape(headline(summary))}</h1>
 <p>Run {'valid' if validity['valid'] else 'INVALID: ' + html.escape('; '.join(validity['reasons']))}.
 Duration {summary['duration_s']:.1f} s, {summary['requests']['total']} requests, {summary['requests']['failed']} failed.</p>
 <h2>KPIs</h2>{_table(kpi_rows(summary['kpis']))}

@@ -69,7 +69,8 @@ def test_short_demo_leaves_a_complete_report(tmp_path: Path) -> None:
     platform = json.loads((report / "platform.json").read_text())
     assert platform["engine"] == "simulated"
 
-    assert f"SLO verdict: {summary['verdict']}" in output, output
+    validity = "VALID" if summary["validity"]["valid"] else "INVALID"
+    assert f"SLO verdict: {summary['verdict']}  (run {validity})" in output, output  # never a bare PASS
     assert f"report: {report}" in output.replace("\n", ""), output
     flat = " ".join(output.split())  # rich wraps long lines
     assert " ".join(f"accounting: {summary['accounting_line']}".split()) in flat, output
