@@ -20,3 +20,17 @@ ENGINE_FIRST_TOKEN = "engine_first_token_s"  # -> the engine produced the first 
 INGRESS_FIRST_BYTE = "ingress_first_byte_s"  # -> the ingress handed the first token's bytes to the HTTP server
 
 FIELDS = (INGRESS_RECEIVED_UNIX, INGRESS_DISPATCHED, REPLICA_STARTED, ENGINE_QUEUE_WAIT, ENGINE_FIRST_TOKEN, INGRESS_FIRST_BYTE)
+
+
+def server_hops(t: dict[str, float]) -> dict[str, float]:
+    """The server's part of a TTFT by hop, in path order (the ``hop`` label values of
+    ``ray_llmslo_ttft_hop_seconds``), from a timing object with every field set. Here so the
+    server's histogram and the load test's split are one computation."""
+    dispatched, started, queue = t[INGRESS_DISPATCHED], t[REPLICA_STARTED], t[ENGINE_QUEUE_WAIT]
+    return {
+        "ingress": dispatched,
+        "routing": started - dispatched,
+        "queue": queue,
+        "prefill": t[ENGINE_FIRST_TOKEN] - started - queue,
+        "relay": t[INGRESS_FIRST_BYTE] - t[ENGINE_FIRST_TOKEN],
+    }

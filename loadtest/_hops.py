@@ -18,10 +18,11 @@ Servers that send no timing leave these empty (NOT MEASURED, never guessed).
 from __future__ import annotations
 
 from contract import timing as T
+from contract.names import TTFT_HOPS
 from contract.record import RequestRecord
 from loadtest._stats import percentile
 
-HOPS = ("client_network", "ingress", "routing", "queue", "prefill", "relay")
+HOPS = ("client_network", *TTFT_HOPS)
 
 
 def split(rec: RequestRecord) -> dict[str, float] | None:
@@ -29,15 +30,7 @@ def split(rec: RequestRecord) -> dict[str, float] | None:
     t = rec.server_timing
     if not rec.ok or rec.ttft_s is None or not t or any(t.get(k) is None for k in T.FIELDS[1:]):
         return None
-    started, queue = t[T.REPLICA_STARTED], t[T.ENGINE_QUEUE_WAIT]
-    return {
-        "client_network": rec.ttft_s - t[T.INGRESS_FIRST_BYTE],
-        "ingress": t[T.INGRESS_DISPATCHED],
-        "routing": started - t[T.INGRESS_DISPATCHED],
-        "queue": queue,
-        "prefill": t[T.ENGINE_FIRST_TOKEN] - started - queue,
-        "relay": t[T.INGRESS_FIRST_BYTE] - t[T.ENGINE_FIRST_TOKEN],
-    }
+    return {"client_network": rec.ttft_s - t[T.INGRESS_FIRST_BYTE], **T.server_hops(t)}
 
 
 def overhead(rec: RequestRecord) -> float | None:

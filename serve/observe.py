@@ -100,14 +100,7 @@ class RequestRecord:
         t = self.timing()
         if not self.stream or any(v is None for v in t.values()):
             return
-        hops = {
-            "ingress": t[T.INGRESS_DISPATCHED],
-            "routing": t[T.REPLICA_STARTED] - t[T.INGRESS_DISPATCHED],
-            "queue": t[T.ENGINE_QUEUE_WAIT],
-            "prefill": t[T.ENGINE_FIRST_TOKEN] - t[T.REPLICA_STARTED] - t[T.ENGINE_QUEUE_WAIT],
-            "relay": t[T.INGRESS_FIRST_BYTE] - t[T.ENGINE_FIRST_TOKEN],
-        }
-        for hop, seconds in hops.items():
+        for hop, seconds in T.server_hops(t).items():
             self.metrics.ttft_hop.observe(max(0.0, seconds), {**self.metrics.tags, "hop": hop})
 
     def close(self, code: int, error_code: str | None = None) -> None:

@@ -287,9 +287,9 @@ class CpuReader:
             used[role] = used.get(role, 0.0) + (seconds - self._last[pid][1] if pid in self._last else 0.0)
         self._steps.append((wall - self._last_wall, used))
         self._last_wall, self._last = wall, now
-        while sum(d for d, _ in self._steps) - self._steps[0][0] >= self._window_s:
-            self._steps.popleft()  # the newer steps alone still cover the window
         span = sum(d for d, _ in self._steps)
+        while span - self._steps[0][0] >= self._window_s:  # the newer steps alone still cover the window
+            span -= self._steps.popleft()[0]
         if span >= self._window_s:
             total: dict[str, float] = {}
             for _, step in self._steps:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from contract import names, timing as T
 from contract.record import RequestRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +41,12 @@ def test_a_record_with_a_renamed_or_missing_field_is_refused():
         RequestRecord.from_dict(data)
     with pytest.raises(TypeError):
         RequestRecord.from_dict({"id": "r"})
+
+
+def test_the_server_hops_are_the_hop_label_values_and_add_up_to_the_first_byte():
+    t = {T.INGRESS_RECEIVED_UNIX: 1.0, T.INGRESS_DISPATCHED: 0.002, T.REPLICA_STARTED: 0.005,
+         T.ENGINE_QUEUE_WAIT: 0.01, T.ENGINE_FIRST_TOKEN: 0.3, T.INGRESS_FIRST_BYTE: 0.301}
+    hops = T.server_hops(t)
+    assert tuple(hops) == names.TTFT_HOPS  # the histogram's labels, in path order
+    assert hops["routing"] == pytest.approx(0.003) and hops["prefill"] == pytest.approx(0.285)
+    assert sum(hops.values()) == pytest.approx(t[T.INGRESS_FIRST_BYTE])
