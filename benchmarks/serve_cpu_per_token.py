@@ -15,7 +15,8 @@ Second reading, which nothing in the tree can hide from: the whole machine's bus
 (every CPU's time minus idle and iowait) during the streams, minus this client's own.
 
     .venv/bin/python benchmarks/serve_cpu_per_token.py [--streams 8] [--rounds 2] [--replicas 2]
-        [--env RAY_SERVE_ENABLE_HA_PROXY=1] [--env RAY_SERVE_THROUGHPUT_OPTIMIZED=0] [--json out.json]
+        [--serve-arg=--ingress=haproxy] [--serve-arg=--colocate] [--env RAY_SERVE_THROUGHPUT_OPTIMIZED=0]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -86,11 +87,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment of the server")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra llmslo serve argument, e.g. --serve-arg=--colocate --serve-arg=--ingress=haproxy")
     ap.add_argument("--model", default="autoglm-phone-9b")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     env = dict(item.split("=", 1) for item in args.env)
-    proc, url = start_server(args.replicas, env)
+    proc, url = start_server(args.replicas, env, args.serve_arg)
     try:
         root = psutil.Process(proc.pid)
         overheads: list[float] = []
@@ -109,7 +112,7 @@ def main() -> int:
     import ray
 
     meta = {"python": platform.python_version(), "ray": ray.__version__, "cpus": psutil.cpu_count(),
-            "env": env, "streams": args.streams, "rounds": args.rounds, "replicas": args.replicas,
+            "env": env, "serve_args": args.serve_arg, "streams": args.streams, "rounds": args.rounds, "replicas": args.replicas,
             "tokens": tokens, "wall_s": round(wall, 2)}
     print(f"# {meta}")
     print(f"{'process':44} {'cpu s':>7} {'ms/token':>9}")

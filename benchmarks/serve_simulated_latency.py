@@ -116,10 +116,13 @@ async def run_level(make_stream, concurrency: int, rounds: int) -> dict[str, dic
     return {"ttft_ms": summarize(ttft), "tpot_ms": summarize(tpot), "itl_ms": summarize(itl)}
 
 
-def start_server(replicas: int = 1, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    replicas: int = 1, env: dict[str, str] | None = None, serve_args: list[str] | None = None
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "serve.cli", "--host", "127.0.0.1", "--port", str(port), "--metrics-port",
-           str(free_port()), "--replicas", str(replicas), "--time-scale", "1.0", "--num-cpus", "2"]
+           str(free_port()), "--replicas", str(replicas), "--time-scale", "1.0", "--num-cpus", "2",
+           *(serve_args or [])]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {})})
     url = f"http://127.0.0.1:{port}"

@@ -60,6 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="what answers on the HTTP port: Ray Serve's Python proxy (default) or HAProxy relaying "
                         "to the ingress replicas' own HTTP servers (half the serving CPU per token; "
                         "docs/serve.md#haproxy-ingress)")
+    p.add_argument("--colocate", action="store_true",
+                   help="each model replica answers HTTP itself, no separate ingress replica (a third of the "
+                        "serving CPU per token; docs/serve.md#colocated-replicas)")
     p.add_argument("--stop-grace-s", type=float, default=30.0,
                    help="on stop, how long Ray's processes may take to exit before they are killed")
     return p.parse_args(argv)
@@ -95,6 +98,8 @@ def app_config(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], 
         args["admin_token"] = ns.admin_token
     if ns.model_id:
         args["model_id"] = ns.model_id
+    if ns.colocate:
+        args["colocated"] = True
     return http, entry, args
 
 

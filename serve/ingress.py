@@ -4,8 +4,8 @@
 the route signatures that Serve re-wraps.)
 
 Validates requests (schema, media, context budget) before any replica work,
-streams tokens from a model replica through a DeploymentHandle
-(``handle.options(stream=True)``), writes OpenAI's wire format, measures every
+streams tokens from a model replica (serve.model_client: through a DeploymentHandle,
+or colocated in this process), writes OpenAI's wire format, measures every
 request (serve.observe) and hosts the token-protected fault-injection admin API.
 
 Status of a stream is decided before the first byte: the ingress waits for the
@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contract.slo import load_slo
@@ -39,6 +39,7 @@ from serve.faults import FaultSpec, FaultState
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
 from serve.model import ReplicaHello, ReplicaTiming, StreamError
+from serve.model_client import HandleClient, LocalClient, ModelClient, ModelStream
 from serve.observe import MODALITY_CLASSES, RequestRecord
 from serve.openai_format import DONE, ChunkWriter, completion, delta_fields
 from serve.schema import ChatCompletionRequest, Prepared, parse_body, prepare, validation_error
@@ -86,7 +87,7 @@ def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-def _abandon(stream: DeploymentResponseGenerator, rec: RequestRecord) -> None:
+def _abandon(stream: ModelStream, rec: RequestRecord) -> None:
     """The client left before the answer ended: cancel generation (frees the engine slot)."""
     if not rec.closed:
         stream.cancel()
@@ -135,14 +136,14 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 @serve.ingress(app)
 class Ingress:
-    """API front door; one replica is enough (it only validates and relays)."""
+    """API front door: one replica in front of the model deployment (it only validates and
+    relays), or, colocated (``model`` None), one per model replica, each holding its engine."""
 
-    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+    async def __init__(self, model: DeploymentHandle | None, settings: dict[str, Any]) -> None:
         configure_logging()
         self.settings = AppSettings.model_validate(settings)
         self.model_name = self.settings.served_model
-        self.handle = model
-        self.stream_handle = model.options(stream=True)
+        self.model: ModelClient = HandleClient(model) if model is not None else await LocalClient.start(settings)
         self.metrics = ServerMetrics(self.model_name)
         self.slo = load_slo(self.settings.slo_path)
         self.faults = FaultState()
@@ -191,7 +192,7 @@ class Ingress:
             if count:
                 self.metrics.multimodal.inc(count, {**self.metrics.tags, "kind": kind})
         rec.dispatched = time.monotonic()
-        stream = self.stream_handle.generate.remote(prepared.generation, self.faults.next_directive(), time.time())
+        stream = self.model.stream(prepared.generation, self.faults.next_directive(), time.time())
         items = self._items(stream, rec)
         try:  # a stream's status is decided at its first token; a plain answer's at its end
             first = await self._next(items)
@@ -222,13 +223,13 @@ class Ingress:
     @app.get("/admin/faults", include_in_schema=False)
     async def get_faults(self, request: Request) -> JSONResponse:
         self._authorize(request)
-        return JSONResponse(self.faults.snapshot())
+        return JSONResponse(self._fault_state())
 
     @app.delete("/admin/faults", include_in_schema=False)
     async def clear_faults(self, request: Request) -> JSONResponse:
         self._authorize(request)
         self.faults.clear()
-        return JSONResponse(self.faults.snapshot())
+        return JSONResponse(self._fault_state())
 
     @app.post("/admin/faults", include_in_schema=False)
     async def set_faults(self, request: Request) -> JSONResponse:
@@ -238,9 +239,9 @@ class Ingress:
         except ValidationError as exc:
             raise validation_error(exc) from None
         self.faults.apply(spec)
-        answer: dict[str, Any] = dict(self.faults.snapshot())
+        answer = self._fault_state()
         if spec.kill:
-            replica = await self.handle.kill.remote()
+            replica = await self.model.kill()
             self.faults.kills += 1
             self._count_crash(replica)
             answer.update(kills=self.faults.kills, killed_replica=replica)
@@ -249,8 +250,25 @@ class Ingress:
 
     # ---- internals ------------------------------------------------------------
 
+    def _fault_state(self) -> dict[str, Any]:
+        """The faults in force; colocated, they hold only in the replica that answers, named here."""
+        state: dict[str, Any] = dict(self.faults.snapshot())
+        if self.model.local_replica is not None:
+            state["replica"] = self.model.local_replica
+        return state
+
     async def _ready(self) -> str:
-        return await self.handle.ready.remote()
+        return await self.model.ready()
+
+    async def check_health(self) -> None:
+        """Called by Ray Serve; a colocated engine's failure makes Serve replace this replica."""
+        await self.model.check_health()
+
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica: a colocated engine releases its GPUs."""
+        model = getattr(self, "model", None)  # absent if __init__ failed early
+        if model is not None:
+            await model.shutdown()
 
     def _authorize(self, request: Request) -> None:
         token = self.settings.admin
@@ -265,12 +283,16 @@ class Ingress:
             check_bearer(request, self.settings.api_token, "API")
 
     def _count_crash(self, replica: str | None) -> None:
+        """Once per model replica seen dying. Not colocated: a process cannot count its own
+        death (its replicas export no crash counter; build_info says topology="colocated")."""
+        if self.model.local_replica is not None:
+            return
         key = replica or f"unknown-{uuid.uuid4().hex}"
         if key not in self.dead_replicas:
             self.dead_replicas.add(key)
             self.metrics.replica_crashes.inc(1, self.metrics.tags)
 
-    async def _items(self, stream: DeploymentResponseGenerator, rec: RequestRecord) -> AsyncIterator[Delta | Finish]:
+    async def _items(self, stream: ModelStream, rec: RequestRecord) -> AsyncIterator[Delta | Finish]:
         """Engine items of one request; a StreamError or a dead replica raises APIError."""
         try:
             async for item in stream:

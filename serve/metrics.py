@@ -61,8 +61,10 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
 - ``ray_llmslo_replica_crashes_total{model}``: model replicas the ingress saw
   die (a request failed with ActorDiedError/ActorUnavailableError, or the kill
   drill), counted once per replica.
-- ``ray_llmslo_build_info{version,engine,model,weights}`` = 1 per model replica;
-  weights is real | synthetic | simulated.
+- ``ray_llmslo_build_info{version,engine,model,weights,topology}`` = 1 per model replica;
+  weights is real | synthetic | simulated; topology is split (an ingress in front of
+  the model replicas) | colocated (each model replica answers HTTP itself: no process
+  outlives a crashed replica to count it, so colocated servers export no crash counter).
 - ``ray_llmslo_kv_cache_usage_ratio{model}``: engine KV-cache blocks in use, 0..1.
 
 Names and buckets live in contract/names.py (shared with the rules and the load test);
@@ -116,7 +118,7 @@ class ServerMetrics:
         self.replica_starts = counter(REPLICA_STARTS, "Model replica process starts")
         self.replica_startup = gauge(REPLICA_STARTUP, "Model replica constructor -> engine ready (s)")
         self.replica_crashes = counter(REPLICA_CRASHES, "Model replicas seen dying")
-        self.build_info = gauge(BUILD_INFO, "Build information (always 1)", ("version", "engine", "model", "weights"))
+        self.build_info = gauge(BUILD_INFO, "Build information (always 1)", ("version", "engine", "model", "weights", "topology"))
         self.kv_cache = gauge(KV_CACHE_USAGE, "KV-cache blocks in use (0..1)")
 
     @property

@@ -108,6 +108,7 @@ class ModelServer:
             "engine": self.engine.name,
             "model": self.model,
             "weights": weights,
+            "topology": "colocated" if self.settings.colocated else "split",
         }
         self.metrics.replica_starts.inc(1, self.metrics.tags)
         self.startup_s = time.monotonic() - constructed

@@ -63,6 +63,9 @@ class AppSettings(_Strict):
     autoscaling_options: dict[str, Any] = Field(
         default_factory=dict, description="more Serve autoscaling_config keys, e.g. upscale_delay_s"
     )
+    colocated: bool = Field(
+        False, description="each model replica answers HTTP itself (no separate ingress; docs/serve.md#colocated-replicas)"
+    )
     ingress_max_ongoing_requests: int = Field(1000, ge=1)
     ingress_cpus: float = Field(0.5, ge=0)
     admin_token: str | None = Field(None, description=f"enables /admin; or set ${ADMIN_TOKEN_ENV}")

@@ -126,11 +126,19 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, path: str = 
 def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     """A real ``llmslo serve`` (local Ray, Serve, simulated engine, 2 model replicas,
     admin API on) on free loopback ports; shut down (Serve, then Ray) at session end."""
+    with serving_app(tmp_path_factory.mktemp("serve"), replicas=2) as app:
+        yield app
+
+
+@contextmanager
+def serving_app(log_dir: Path, replicas: int, extra_args: tuple[str, ...] = ()) -> Iterator[ServeApp]:
+    """``llmslo serve EXTRA_ARGS`` as the test apps run it (simulated engine at SERVE_TIME_SCALE,
+    admin API on, Ray metrics every second, 2 CPUs), logging to ``log_dir/serve.log``."""
     metrics_port = free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log_path = log_dir / "serve.log"
     args = [
-        "--metrics-port", str(metrics_port), "--metrics-interval-ms", "1000",
-        "--replicas", "2", "--time-scale", str(SERVE_TIME_SCALE),
+        *extra_args, "--metrics-port", str(metrics_port), "--metrics-interval-ms", "1000",
+        "--replicas", str(replicas), "--time-scale", str(SERVE_TIME_SCALE),
         "--admin-token", SERVE_ADMIN_TOKEN, "--num-cpus", "2",
     ]  # fmt: skip
     with _serve_process(args, {}, log_path) as url:
@@ -141,7 +149,7 @@ def serve_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
             metrics_port=metrics_port,
             admin_token=SERVE_ADMIN_TOKEN,
             model="autoglm-phone-9b",
-            replicas=2,
+            replicas=replicas,
             time_scale=SERVE_TIME_SCALE,
             log_path=log_path,
         )

