@@ -107,10 +107,14 @@ def level_rows(levels: list[dict], kpis: dict[str, dict]) -> list[dict]:
         return f"{fmt(k['value'], unit)}{bounds} n={k['samples']} {k['status'] or 'NOT MEASURED'}"
 
     columns = {f"{r['level']} streams ({r['scope']})": r for r in levels}
-    rows = [{"measure": "status", **{c: r["status"] or "NOT MEASURED" for c, r in columns.items()}},
+    def status(r: dict) -> str:
+        return (r["status"] or "NOT MEASURED") + (f" ({r['note']})" if r.get("note") else "")
+
+    rows = [{"measure": "status", **{c: status(r) for c, r in columns.items()}},
             {"measure": "sent / judged / drain / failed",
              **{c: f"{r['requests']} / {r['judged_requests']} / {r['drain_requests']} / {r['failed']}" for c, r in columns.items()}},
             {"measure": "achieved concurrency", **{c: fmt(r["achieved_concurrency"]) for c, r in columns.items()}},
+            {"measure": "requests in flight", **{c: fmt(r.get("in_flight")) for c, r in columns.items()}},
             {"measure": "output tokens/s", **{c: fmt(r["output_tokens_per_s"]) for c, r in columns.items()}},
             {"measure": "SLO attainment", **{c: fmt(r["slo_attainment"]["attainment"], "ratio") for c, r in columns.items()}}]
     rows += [{"measure": name, **{c: cell(r["kpis"][name], kpis[name]["unit"]) for c, r in columns.items()}}

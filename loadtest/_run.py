@@ -247,7 +247,7 @@ class Run:
         end = self.t_stop if self.t_stop is not None else time.perf_counter()
         records = list(self.records)
         _verdict.assign(records, slo)
-        levels = _verdict.level_table(records, slo, self.windows)
+        levels = _verdict.level_table(records, slo, self.windows, closed_loop=not opts.arrival_rate)
         facts = self.server.facts(slo.concurrency_target) if self.server else _verdict.ServerFacts()
         kpis = _verdict.verdict(records, slo, levels, facts, end - self.t_start)
         acc = _verdict.accounting(records)

@@ -88,7 +88,6 @@ class ServerWatch:
     gpu_gb_max: dict[int, float] = field(default_factory=dict)  # level -> max over its scrapes
     cpu_max: dict[int, float] = field(default_factory=dict)
     llmslo_server: bool = False
-    colocated: bool = False  # build_info says so: no process outlives a crashed replica to count it
     error: str | None = None
     scrapes: int = 0
 
@@ -108,7 +107,6 @@ class ServerWatch:
         self.scrapes += 1
         self.error = None
         self.llmslo_server = self.llmslo_server or INFO in data
-        self.colocated = self.colocated or any(lab.get("topology") == "colocated" for lab, _ in data.get(INFO, []))
         for name in (OOM, CRASHES):
             if name in data:
                 # a series first seen after the first scrape started at 0 during the run
@@ -137,8 +135,6 @@ class ServerWatch:
         def delta(name: str) -> float | None:
             if name in self.last:
                 return self.last[name] - self.first.get(name, 0.0)
-            if name == CRASHES and self.colocated:
-                return None  # its replicas export no crash counter: absent is not 0
             # an llmslo server creates a counter series at its first event: none yet = 0
             return 0.0 if self.llmslo_server else None
 
@@ -156,9 +152,6 @@ class ServerWatch:
                            ("gpu_memory_gb_per_copy", GPU_USED), ("cpu_percent_max", CPU)):
             if getattr(facts, attr) is None:
                 facts.notes[attr] = f"{EXPORTED[role]} not exported by the server"
-        if facts.replica_crashes is None and self.colocated:
-            facts.notes["replica_crashes"] = ("colocated replicas (llmslo serve --colocate): a crashed replica "
-                                              "takes its own counter with it, so crashes are not counted")
         return facts
 
 

@@ -303,14 +303,44 @@ def accounting_line(acc: dict, warmup_s: float) -> str:
 
 
 # --- levels -------------------------------------------------------------------------
-def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int, float]) -> list[dict]:
+HOLD_SHARE = 0.9  # a closed-loop level whose requests in flight averaged less than this share of its users is not judged
+
+
+def _carry_in(records: list[RequestRecord]) -> dict[int, float]:
+    """Level -> seconds that requests of the epoch before it spent in flight after their own level
+    ended: load the server carried during this level's window too (durations, so any clock will do)."""
+    level_of_epoch = {r.epoch: r.level for r in records}
+    carry: dict[int, float] = {}
+    for r in records:
+        if r.level_end_s is not None and r.epoch + 1 in level_of_epoch:
+            nxt = level_of_epoch[r.epoch + 1]
+            carry[nxt] = carry.get(nxt, 0.0) + max(0.0, (r.duration_s or 0.0) - r.level_end_s)
+    return carry
+
+
+def _held(level: int, in_flight: float | None, closed_loop: bool) -> str:
+    """Why a closed-loop level cannot be judged as ``level`` streams ("" when it can): its users
+    were not all sending (a stuck user, a slow spawn rate), so its numbers describe a lighter load."""
+    if not closed_loop or in_flight is None or in_flight >= HOLD_SHARE * level:
+        return ""
+    return (f"only {in_flight:.2f} of {level} requests in flight on average (< {HOLD_SHARE:.0%}): "
+            f"the load test did not hold {level} streams")
+
+
+def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int, float],
+                closed_loop: bool = True) -> list[dict]:
     """One row per concurrency level: its own KPIs with bounds, accounting and status.
 
     ``windows`` maps level -> seconds the generator held it (ramp to drain end).
     Throughput and achieved concurrency count only what happened inside that
-    window (a request running past its level's end is clipped there).
+    window (a request running past its level's end is clipped there). ``in_flight``
+    also counts the previous level's requests still running in it: the load the
+    server saw. A closed-loop level (users send back to back; not ``--arrival-rate``)
+    where that stayed under ``HOLD_SHARE`` of its users cannot PASS (INCONCLUSIVE,
+    ``note`` says why); a FAIL at a lighter load still fails.
     """
     target = slo.concurrency_target
+    carry = _carry_in(records)
     rows = []
     for level in sorted({r.level for r in records}):
         recs = [r for r in records if r.level == level]
@@ -321,6 +351,10 @@ def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int,
         latency = _worst(k["status"] for name, k in kpis.items() if name != "error_rate" and slo.kpis[name].enforced)
         errors = kpis["error_rate"]["status"]
         window = windows.get(level, 0.0)
+        busy = sum(r.busy_s for r in recs)
+        in_flight = (busy + carry.get(level, 0.0)) / window if window > 0 else None
+        note = _held(level, in_flight, closed_loop)
+        status = _worst([latency, errors])
         rows.append({
             "level": level,
             "scope": "judged" if level <= target else "headroom",
@@ -330,13 +364,15 @@ def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int,
             "drain_requests": sum(1 for r in recs if r.judgement == "drain"),
             "warmup_requests": sum(1 for r in recs if r.judgement == "warmup"),
             "failed": sum(1 for r in recs if not r.ok),
-            "achieved_concurrency": sum(r.busy_s for r in recs) / window if window > 0 else None,
+            "achieved_concurrency": busy / window if window > 0 else None,
+            "in_flight": in_flight,
             "output_tokens_per_s": sum(r.tokens_within_level() for r in recs) / window if window > 0 else None,
             "requests_per_s": sum(1 for r in recs if r.ok and r.level_end_s is None) / window if window > 0 else None,
             "slo_attainment": attainment(scoped, slo, window),
             "stream": stream_summary(scoped, slo),
             "kpis": kpis,
-            "status": _worst([latency, errors]),
+            "status": "INCONCLUSIVE" if note and status == "PASS" else status,
+            "note": note,
         })
     return rows
 
@@ -355,7 +391,8 @@ def concurrency_sustained(levels: list[dict], target: int) -> tuple[float | None
         return float(best), "PASS", f"every level up to {best} passed"
     if broke is not None:
         status = "FAIL" if broke["status"] == "FAIL" else "INCONCLUSIVE"
-        return float(best), status, f"level {broke['level']} is {broke['status'] or 'NOT MEASURED'}"
+        why = f" ({broke['note']})" if broke.get("note") else ""
+        return float(best), status, f"level {broke['level']} is {broke['status'] or 'NOT MEASURED'}{why}"
     return float(best), "INCONCLUSIVE", f"no level >= {target} was held"
 
 

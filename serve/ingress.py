@@ -148,7 +148,6 @@ class Ingress:
         self.slo = load_slo(self.settings.slo_path)
         self.faults = FaultState()
         self.limiter = RateLimiter(self.settings.rate_limit_per_s, self.settings.rate_burst)
-        self.dead_replicas: set[str] = set()
         self.created = int(time.time())
         start_telemetry(self.model_name, "ingress")
 
@@ -242,8 +241,7 @@ class Ingress:
         answer = self._fault_state()
         if spec.kill:
             replica = await self.model.kill()
-            self.faults.kills += 1
-            self._count_crash(replica)
+            self.faults.kills += 1  # the node's crash witness counts the crash (serve/crash_witness.py)
             answer.update(kills=self.faults.kills, killed_replica=replica)
         log.warning("faults_changed", **{k: v for k, v in spec.model_dump().items() if v}, state=self.faults.snapshot())
         return JSONResponse(answer)
@@ -282,16 +280,6 @@ class Ingress:
         if self.settings.api_token:
             check_bearer(request, self.settings.api_token, "API")
 
-    def _count_crash(self, replica: str | None) -> None:
-        """Once per model replica seen dying. Not colocated: a process cannot count its own
-        death (its replicas export no crash counter; build_info says topology="colocated")."""
-        if self.model.local_replica is not None:
-            return
-        key = replica or f"unknown-{uuid.uuid4().hex}"
-        if key not in self.dead_replicas:
-            self.dead_replicas.add(key)
-            self.metrics.replica_crashes.inc(1, self.metrics.tags)
-
     async def _items(self, stream: ModelStream, rec: RequestRecord) -> AsyncIterator[Delta | Finish]:
         """Engine items of one request; a StreamError or a dead replica raises APIError."""
         try:
@@ -310,7 +298,6 @@ class Ingress:
                 rec.on_item(item)
                 yield item
         except (RayActorError, ActorUnavailableError):
-            self._count_crash(rec.replica)
             raise server_error("the model replica serving this request died", "replica_died", 503) from None
         except APIError:
             raise

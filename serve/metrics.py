@@ -58,13 +58,13 @@ Exported names (histograms also have ``_bucket``/``_sum``/``_count`` series):
   the part of a scale-up's cold start spent inside the new replica. Set once.
   Serve's placement and the worker process start come before it (the
   autoscaling drill measures the whole: scale decision -> first token).
-- ``ray_llmslo_replica_crashes_total{model}``: model replicas the ingress saw
-  die (a request failed with ActorDiedError/ActorUnavailableError, or the kill
-  drill), counted once per replica.
+- ``ray_llmslo_replica_crashes_total{model}``: model replicas of a node that
+  exited without a graceful stop (a crash, the kill drill, Serve replacing an
+  unhealthy replica), counted by the node's crash witness (serve/crash_witness.py,
+  exported from serve/telemetry.py), not by the dying process.
 - ``ray_llmslo_build_info{version,engine,model,weights,topology}`` = 1 per model replica;
   weights is real | synthetic | simulated; topology is split (an ingress in front of
-  the model replicas) | colocated (each model replica answers HTTP itself: no process
-  outlives a crashed replica to count it, so colocated servers export no crash counter).
+  the model replicas) | colocated (each model replica answers HTTP itself).
 - ``ray_llmslo_kv_cache_usage_ratio{model}``: engine KV-cache blocks in use, 0..1.
 
 Names and buckets live in contract/names.py (shared with the rules and the load test);
@@ -117,7 +117,6 @@ class ServerMetrics:
         self.oom = counter(OOM_EVENTS, "Out-of-memory events", ("model", "source"))
         self.replica_starts = counter(REPLICA_STARTS, "Model replica process starts")
         self.replica_startup = gauge(REPLICA_STARTUP, "Model replica constructor -> engine ready (s)")
-        self.replica_crashes = counter(REPLICA_CRASHES, "Model replicas seen dying")
         self.build_info = gauge(BUILD_INFO, "Build information (always 1)", ("version", "engine", "model", "weights", "topology"))
         self.kv_cache = gauge(KV_CACHE_USAGE, "KV-cache blocks in use (0..1)")
 

@@ -19,10 +19,12 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import psutil
 import ray
 import structlog
 from ray import serve
 
+from serve.crash_witness import ReplicaLedger
 from serve.engines import create_engine
 from serve.engines.base import (
     Delta,
@@ -38,7 +40,7 @@ from serve.faults import STALL_AFTER_TOKENS, Directive
 from serve.logs import configure_logging
 from serve.metrics import ServerMetrics
 from serve.settings import AppSettings
-from serve.telemetry import start_telemetry
+from serve.telemetry import local_raylet, node_key, start_telemetry
 
 log = structlog.get_logger("llmslo.model")
 # Ray's agent evicts a gauge series not re-reported within 2 report intervals (>= 2 s),
@@ -111,6 +113,9 @@ class ModelServer:
             "topology": "colocated" if self.settings.colocated else "split",
         }
         self.metrics.replica_starts.inc(1, self.metrics.tags)
+        self._healthy = True  # last health check; a replica Serve stops as unhealthy leaves no goodbye
+        raylet = local_raylet()
+        self._ledger = ReplicaLedger(node_key(raylet)) if raylet is not None else None
         self.startup_s = time.monotonic() - constructed
         self._publish_gauges()
         start_telemetry(self.model, "replica")
@@ -183,10 +188,19 @@ class ModelServer:
 
     async def check_health(self) -> None:
         """Called by Ray Serve; raising makes Serve replace the replica."""
-        await self.engine.check_health()
+        try:
+            await self.engine.check_health()
+        except BaseException:
+            self._healthy = False
+            raise
+        self._healthy = True
 
     async def __del__(self) -> None:
-        """Serve calls this when it stops the replica: the engine releases its GPUs and child processes."""
+        """Serve calls this when it stops the replica: the engine releases its GPUs and child processes.
+        A healthy replica first leaves its goodbye, so the node's crash witness does not count it."""
+        if getattr(self, "_healthy", False) and self._ledger is not None:
+            me = psutil.Process()
+            self._ledger.goodbye((me.pid, me.create_time()))
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)  # absent if __init__ failed early
         if shutdown is not None:
             await shutdown()

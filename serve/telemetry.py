@@ -34,6 +34,9 @@ Exported names (logical, before Ray's prefix), BRIEF contract 2:
   the most replicas its deployment may run (autoscaling ``max_replicas``, or
   ``num_replicas`` when it does not autoscale); ScaleOutExhausted fires when the
   healthy model replicas reach it while an SLO burns.
+- ``llmslo_replica_crashes_total{model}`` counter, one series per node: model
+  replicas of the node that exited without a graceful stop, counted by the node
+  lock's holder (serve.crash_witness), since no process can count its own crash.
 
 No driver or no GPU means no GPU series at all (never zeros that look like an
 idle GPU) and ``llmslo_nvml_available 0``. A field the GPU does not support
@@ -59,8 +62,9 @@ import pynvml
 
 from contract.names import (
     CPU_WINDOW_S, GPU_ENERGY, GPU_MEMORY_TOTAL, GPU_MEMORY_USED, GPU_POWER, GPU_POWER_LIMIT, GPU_TEMPERATURE,
-    GPU_UTILIZATION, NVML_AVAILABLE, PROCESS_CPU, REPLICA_CAPACITY, DEPLOYMENT_MAX_REPLICAS, logical,
+    GPU_UTILIZATION, NVML_AVAILABLE, PROCESS_CPU, REPLICA_CAPACITY, REPLICA_CRASHES, DEPLOYMENT_MAX_REPLICAS, logical,
 )
+from serve.crash_witness import CrashWitness, Proc, ReplicaLedger
 
 log = logging.getLogger(__name__)
 
@@ -320,20 +324,43 @@ class NodeLock:
         return True
 
 
+def node_key(raylet: psutil.Process) -> str:
+    """Names this node's Ray session in the node lock's and the crash ledger's file names."""
+    return f"{raylet.pid}-{int(raylet.create_time())}"
+
+
+def model_replicas(tree: Tree) -> set[Proc]:
+    """(pid, create time) of the model replica processes of a serving tree."""
+    procs: set[Proc] = set()
+    for pid, (role, proc) in tree.items():
+        if role == "replica":
+            try:
+                procs.add((pid, proc.create_time()))
+            except psutil.Error:
+                continue
+    return procs
+
+
 class NodeCpu:
-    """The node's serving-tree CPU by role while this process holds the node lock, else None."""
+    """While this process holds the node lock: the node's serving-tree CPU by role, and the
+    model replicas that crashed since the last read (serve.crash_witness); else (None, 0)."""
 
     def __init__(self, raylet: psutil.Process) -> None:
         self._raylet = raylet
-        self._lock = NodeLock(f"{raylet.pid}-{int(raylet.create_time())}")
+        self._lock = NodeLock(node_key(raylet))
+        self._tree: ServingTree | None = None
         self._reader: CpuReader | None = None
+        self._witness: CrashWitness | None = None
 
-    def read(self) -> dict[str, float] | None:
+    def read(self) -> tuple[dict[str, float] | None, int]:
         if not self._lock.held():
-            return None
-        if self._reader is None:  # discovery costs only in the elected process
-            self._reader = CpuReader(ServingTree(self._raylet))
-        return self._reader.read()
+            return None, 0
+        if self._tree is None:  # discovery costs only in the elected process
+            self._tree = ServingTree(self._raylet)
+            self._reader = CpuReader(self._tree)
+            self._witness = CrashWitness(ReplicaLedger(node_key(self._raylet)))
+        assert self._reader is not None and self._witness is not None
+        return self._reader.read(), self._witness.update(model_replicas(self._tree()))
 
 
 def serve_replica_limits() -> tuple[int | None, int | None]:
@@ -373,6 +400,9 @@ class RayPublisher:
         self._last_energy: dict[str, float] = {}
         self._nvml = Gauge(logical(NVML_AVAILABLE), description="1 when NVML answered in this process, else 0",
                            tag_keys=PROCESS_TAGS)
+        self._crashes = node_metrics.Counter(logical(REPLICA_CRASHES), tag_keys=("model",),
+                                             description="Model replicas of this node that exited without a "
+                                                         "graceful stop (serve/crash_witness.py)")
         self._cpu = node_metrics.Gauge(logical(PROCESS_CPU), tag_keys=PROCESS_TAGS,
                                        description="CPU of this node's serving processes of one role, "
                                                    "share of all logical CPUs, percent")
@@ -383,8 +413,11 @@ class RayPublisher:
         self._process_tags = {"model": model, "component": component}
         self._max_ongoing, self._max_replicas = serve_replica_limits()
 
-    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu: dict[str, float] | None) -> None:
+    def publish(self, nvml_available: bool, gpus: list[GpuSample], cpu: dict[str, float] | None,
+                crashes: int = 0) -> None:
         self._nvml.set(1.0 if nvml_available else 0.0, tags=dict(self._process_tags))
+        if crashes:
+            self._crashes.inc(crashes, tags={"model": self._model})
         for role, percent in (cpu or {}).items():
             self._cpu.set(percent, tags={"model": self._model, "component": role})
         if self._max_ongoing is not None:
@@ -449,7 +482,8 @@ class TelemetrySampler:
 
     def sample_once(self) -> None:
         gpus = self.nvml.read()
-        self.publisher.publish(self.nvml.available, gpus, self.cpu.read() if self.cpu else None)
+        cpu, crashes = self.cpu.read() if self.cpu else (None, 0)
+        self.publisher.publish(self.nvml.available, gpus, cpu, crashes)
 
     def _run(self) -> None:
         while True:

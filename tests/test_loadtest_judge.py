@@ -64,6 +64,30 @@ def test_a_healthy_run_passes_with_bounds_inside_the_target():
     assert kpis["ttft_p95"]["high"] < TTFT and kpis["concurrency"]["value"] == TARGET
 
 
+def test_a_level_whose_users_were_not_all_sending_cannot_pass():
+    """Found in a demo: 2 of its 8 users never sent a request, 6.0 were in flight all level long,
+    and every latency KPI passed 'at 8 streams'. The level's load is checked, not its user count."""
+    records = healthy_level(TARGET)
+    assign(records, SLO)
+    busy = sum(r.busy_s for r in records)
+    held = level_table(records, SLO, {TARGET: busy / TARGET})
+    short = level_table(records, SLO, {TARGET: busy / (0.75 * TARGET)})  # 6 of 8 in flight
+    assert held[0]["status"] == "PASS" and not held[0]["note"]
+    assert short[0]["status"] == "INCONCLUSIVE" and "only 6.00 of 8 requests in flight" in short[0]["note"]
+    assert level_table(records, SLO, {TARGET: busy / (0.75 * TARGET)}, closed_loop=False)[0]["status"] == "PASS"
+    kpis = verdict(records, SLO, short, ServerFacts(), 600.0)
+    assert kpis["concurrency"]["status"] == "INCONCLUSIVE" and "did not hold 8 streams" in kpis["concurrency"]["note"]
+    # the previous step's requests still running in this level's window are load it carried
+    before = [rec(TARGET // 2, epoch=1, level_end_s=1.0) for _ in range(40)]
+    for r in records:
+        r.epoch = 2
+    carried = sum(r.duration_s - 1.0 for r in before)
+    steps = before + records
+    assign(steps, SLO)
+    window = (busy + carried) / TARGET
+    assert level_table(steps, SLO, {TARGET // 2: 60.0, TARGET: window})[1]["in_flight"] == pytest.approx(TARGET)
+
+
 def test_errors_only_above_the_target_fail_the_verdict():
     records = healthy_level(TARGET) + [rec(2 * TARGET, ok=False) for _ in range(50)] + healthy_level(2 * TARGET, 50)
     result, kpis, levels = judge(records)

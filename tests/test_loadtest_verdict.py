@@ -89,19 +89,6 @@ def test_server_metrics_are_parsed_by_logical_name():
     assert facts.oom_events == 1
 
 
-def test_a_colocated_servers_missing_crash_counter_is_not_measured_not_zero():
-    """An llmslo server creates its crash counter at the first crash, so none yet reads 0; but
-    colocated replicas (build_info topology="colocated") never export one: that must not pass."""
-    info = '# TYPE ray_llmslo_build_info gauge\nray_llmslo_build_info{{model="m",topology="{}"}} 1.0\n'
-    split, colocated = ServerWatch("http://x/metrics", 0), ServerWatch("http://x/metrics", 0)
-    split.observe(parse(info.format("split")))
-    colocated.observe(parse(info.format("colocated")))
-    assert split.facts(8).replica_crashes == 0
-    facts = colocated.facts(8)
-    assert facts.replica_crashes is None and "colocated" in facts.why("replica_crashes")
-    assert facts.oom_events == 0  # OOMs are still counted by the replica that has them
-
-
 def test_passing_run_exits_zero_and_failing_run_non_zero(tmp_path):
     common = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "12", "--short-share", "0.5")
     with running(free_port(), "--ttft", "0.03", "--itl", "0.008") as url:

@@ -4,7 +4,9 @@ Ray is told the node has 2 GPUs (``--num-gpus 2``; nothing touches a real GPU: t
 simulated engine runs and NVML is absent). The app autoscales 1..2 replicas of 1 GPU
 each with the SLO-derived ``target_ongoing_requests`` (6); 12 concurrent streams must
 make Serve add the second replica, placed in its own placement-group bundle, so the
-two replicas get different GPU ids. Also checks that the admin API is off without a token.
+two replicas get different GPU ids. When the streams stop, Serve scales back to one replica,
+and that graceful stop is not counted as a crash by the node's crash witness
+(serve/crash_witness.py). Also checks that the admin API is off without a token.
 """
 
 from __future__ import annotations
@@ -13,14 +15,21 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import REPO_ROOT, _stop, _wait_healthy, free_port
+from serve import metrics as M
 from serve.settings import AppSettings
+from serve.telemetry import node_key
+from test_serve_metrics import wait_for
 
 CONCURRENT = 12
 
@@ -34,19 +43,35 @@ def _config(tmp_path) -> str:
     config = yaml.safe_load((REPO_ROOT / "serve" / "config.yaml").read_text())
     config["applications"][0]["args"].update(
         gpus_per_replica=1, min_replicas=1, max_replicas=2, engine_options={"time_scale": 1.0},
-        autoscaling_options={"upscale_delay_s": 1, "look_back_period_s": 2, "downscale_delay_s": 600},
+        autoscaling_options={"upscale_delay_s": 1, "look_back_period_s": 2, "downscale_delay_s": 3},
     )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
 
+def _witnessed_replicas(server: subprocess.Popen) -> list:
+    """The model replicas the node's crash witness last recorded (its ledger file)."""
+    ledgers = [p for p in Path(tempfile.gettempdir()).glob("llmslo-replicas-*/seen.json")
+               if _raylet_of(server) and p.parent.name == f"llmslo-replicas-{_raylet_of(server)}"]
+    return json.loads(ledgers[0].read_text()) if ledgers else []
+
+
+def _raylet_of(server: subprocess.Popen) -> str | None:
+    for child in psutil.Process(server.pid).children(recursive=True):
+        if child.name() == "raylet":
+            return node_key(child)
+    return None
+
+
 def test_autoscaling_adds_a_replica_on_its_own_gpu_and_admin_is_off(tmp_path):
     assert AppSettings().target_ongoing_requests() * 2 == CONCURRENT
     port = free_port()
     log_path = tmp_path / "serve.log"
+    metrics_port = free_port()
     cmd = [sys.executable, "-m", "serve.cli", "--config", _config(tmp_path), "--host", "127.0.0.1",
-           "--port", str(port), "--metrics-port", str(free_port()), "--num-gpus", "2", "--num-cpus", "2"]
+           "--port", str(port), "--metrics-port", str(metrics_port), "--metrics-interval-ms", "1000",
+           "--num-gpus", "2", "--num-cpus", "2"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("LLMSLO_ADMIN_TOKEN", None)
     with open(log_path, "wb") as log:
@@ -81,6 +106,16 @@ def test_autoscaling_adds_a_replica_on_its_own_gpu_and_admin_is_off(tmp_path):
             time.sleep(1)
         assert len(starts) == 2, log_path.read_text()[-3000:]
         assert sorted(s["gpus"] for s in starts) == [["0"], ["1"]]
+        assert wait_for(lambda: len(_witnessed_replicas(proc)) == 2, timeout=30)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert wait_for(lambda: len(_witnessed_replicas(proc)) == 1, timeout=120), "Serve did not scale down"
+        time.sleep(3)  # Ray reports metrics every second here
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        crashes = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == M.REPLICA_CRASHES]
+        assert sum(crashes) == 0, "a graceful scale-down was counted as a crash"
     finally:
         stop.set()
         _stop(proc)

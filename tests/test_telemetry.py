@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from serve import telemetry
+from serve.crash_witness import CrashWitness, ReplicaLedger
 from serve.telemetry import NvmlReader, select_visible
 
 DEVICES = [(0, "GPU-aaaa-1111"), (1, "GPU-bbbb-2222"), (2, "GPU-cccc-3333")]
@@ -124,13 +125,27 @@ def test_one_process_per_node_holds_the_cpu_lock(tmp_path, monkeypatch) -> None:
     assert second.held()
 
 
+def test_a_replica_gone_without_a_goodbye_is_a_crash_and_a_new_holder_carries_on(tmp_path) -> None:
+    """Graceful stops (scale-down, shutdown) leave a goodbye mark; crashes cannot. The witness may
+    itself be the replica that crashed: the next holder reads what the last one saw."""
+    a, b, c = (101, 1.0), (102, 2.0), (103, 3.0)
+    witness = CrashWitness(ReplicaLedger("node", tmp_path))
+    assert witness.update({a, b}) == 0  # first sight: nothing to compare with
+    ReplicaLedger("node", tmp_path).goodbye(a)  # the replica's own __del__, in its process
+    assert witness.update({b, c}) == 0  # a stopped gracefully; c is new
+    successor = CrashWitness(ReplicaLedger("node", tmp_path))  # the holder died; another took the lock
+    assert successor.update({c}) == 1  # b vanished without a goodbye
+    assert successor.update({c}) == 0  # counted once
+    assert successor.update({(102, 4.0), c}) == 0  # a reused pid is another process
+
+
 class _Recorder:
     """Stands in for Ray's exporter only to observe what the sampler publishes."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[bool, list, dict | None]] = []
 
-    def publish(self, nvml_available: bool, gpus: list, cpu: dict | None) -> None:
+    def publish(self, nvml_available: bool, gpus: list, cpu: dict | None, crashes: int = 0) -> None:
         self.calls.append((nvml_available, gpus, cpu))
 
 

@@ -516,8 +516,8 @@ def kpi_alerts(cfg: SLOConfig) -> list[Alert]:
             "ReplicaCrashed", crashes, n.REPLICA_CRASHES, "1d", model, {},
             severity="ticket",
             summary="A model replica of {{ $labels.model }} crashed in the last day",
-            description=(f"{crashes.title}: target below {num(crashes.target)} per day. The ingress saw a model "
-                         "replica die; Ray Serve replaces it, this alert asks why it died."),
+            description=(f"{crashes.title}: target below {num(crashes.target)} per day. A model replica "
+                         "exited without a graceful stop; Ray Serve replaces it, this alert asks why it died."),
             runbook="replica-crashed",
         ),
         _gpu_memory_alert(cfg),
