@@ -71,6 +71,7 @@ class Run:
     open_requests: Counter = field(default_factory=Counter)  # epoch -> pre-drain requests in flight here
     in_flight: int = 0  # requests in flight in this process, any phase
     stopping: bool = False  # the run is stopping: users start no new request
+    stopped_at: float | None = None  # perf_counter here when the stop began: the last level ended then
     locust_stop_timeout: float | None = None  # Locust's own, while a lower level lends it another
     records: list[RequestRecord] = field(default_factory=list)
     pending: list[dict] = field(default_factory=list)
@@ -116,9 +117,12 @@ class Run:
         self.in_flight += 1
 
     def end(self, rec: RequestRecord) -> None:
-        """The request ended (any way): note where its level ended, record it, report a finished drain."""
+        """The request ended (any way): note where its level ended, record it, report a finished drain.
+        The stop ends the last level: nothing new is sent while the final drain waits."""
         if rec.epoch != self.load.epoch and rec.epoch + 1 in self.epoch_began:
             rec.level_end_s = max(0.0, self.epoch_began[rec.epoch + 1] - rec.start_mono)
+        elif self.stopped_at is not None and rec.start_mono < self.stopped_at:
+            rec.level_end_s = self.stopped_at - rec.start_mono
         if rec.phase != "drain":
             self.open_requests[rec.epoch] -= 1
         self.in_flight -= 1
@@ -224,10 +228,17 @@ class Run:
         self.set_load(level=users, epoch=self.load.epoch + 1, phase="ramp")
 
     def _close_window(self) -> None:
+        """Add the time since the window opened to the level's; once the stop began, no window
+        opens again (the final drain sends nothing, so it is no level's time)."""
         now = time.perf_counter()
         if self.load.level and self.level_since is not None:
             self.windows[self.load.level] = self.windows.get(self.load.level, 0.0) + now - self.level_since
-        self.level_since = now
+        self.level_since = None if self.stopped_at is not None else now
+
+    def begin_stop(self) -> None:
+        """The run stops: no new request, and the last level's window ends here."""
+        self.stopping, self.stopped_at = True, time.perf_counter()
+        self._close_window()
 
     def is_drained(self) -> bool:
         """Every request that started before the drain has ended (in every user process)."""
@@ -384,7 +395,7 @@ def _fewer_gc_pauses() -> None:
 
 def on_test_start(environment, **_kw) -> None:
     run = run_of(environment)
-    run.stopping = False
+    run.stopping, run.stopped_at = False, None
     if not run.is_master:  # only processes that run users read streams and check themselves
         if run.reads is None:  # once per process
             run.reads = read_loop()
@@ -524,9 +535,9 @@ def on_test_stopping(environment, **_kw) -> None:
     run = run_of(environment)
     if run.locust_stop_timeout is not None:  # this drain, not Locust's per-user wait (Run._let_surplus_users_finish)
         environment.stop_timeout = run.locust_stop_timeout
+    run.begin_stop()
     if run.is_master:
         return
-    run.stopping = True
     deadline = time.perf_counter() + final_drain_s(environment)
     while run.in_flight > 0 and time.perf_counter() < deadline:
         gevent.sleep(0.05)

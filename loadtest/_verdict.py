@@ -331,7 +331,7 @@ def level_table(records: list[RequestRecord], slo: SLOConfig, windows: dict[int,
                 closed_loop: bool = True) -> list[dict]:
     """One row per concurrency level: its own KPIs with bounds, accounting and status.
 
-    ``windows`` maps level -> seconds the generator held it (ramp to drain end).
+    ``windows`` maps level -> seconds the generator held it (ramp to the next level, or to the stop).
     Throughput and achieved concurrency count only what happened inside that
     window (a request running past its level's end is clipped there). ``in_flight``
     also counts the previous level's requests still running in it: the load the

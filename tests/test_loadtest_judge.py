@@ -88,6 +88,18 @@ def test_a_level_whose_users_were_not_all_sending_cannot_pass():
     assert level_table(steps, SLO, {TARGET // 2: 60.0, TARGET: window})[1]["in_flight"] == pytest.approx(TARGET)
 
 
+def test_the_final_drain_is_no_levels_time(tmp_path):
+    """The stop ends the last level: requests still running then are clipped there, and the drain
+    that waits for them sends nothing, so it is not the level's time. Otherwise a short level of
+    long replies would read ~86 % of its users in flight here and not be judged."""
+    with running(free_port(), "--ttft", "0.05", "--itl", "0.05") as url:  # 64 tokens: ~3.2 s per reply
+        out = run_headless(url, tmp_path, 4, "8s", "--mix", "text=1", "--output-tokens", "64", "--short-share", "0",
+                           timeout=120)
+    level = out.summary["levels"][0]
+    assert level["in_flight"] >= 0.9 * 4 and not level["note"], level
+    assert level["window_s"] < 9.0, level  # the run time, not the run time plus the final drain
+
+
 def test_errors_only_above_the_target_fail_the_verdict():
     records = healthy_level(TARGET) + [rec(2 * TARGET, ok=False) for _ in range(50)] + healthy_level(2 * TARGET, 50)
     result, kpis, levels = judge(records)
