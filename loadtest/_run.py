@@ -104,6 +104,11 @@ class Run:
         return isinstance(self.environment.runner, WorkerRunner)
 
     @property
+    def closed_loop(self) -> bool:
+        """Users send back to back (no ``--arrival-rate``): a level's users are its intended load."""
+        return not self.environment.parsed_options.arrival_rate
+
+    @property
     def is_master(self) -> bool:
         return isinstance(self.environment.runner, MasterRunner)
 
@@ -258,7 +263,7 @@ class Run:
         end = self.t_stop if self.t_stop is not None else time.perf_counter()
         records = list(self.records)
         _verdict.assign(records, slo)
-        levels = _verdict.level_table(records, slo, self.windows, closed_loop=not opts.arrival_rate)
+        levels = _verdict.level_table(records, slo, self.windows, self.closed_loop)
         facts = self.server.facts(slo.concurrency_target) if self.server else _verdict.ServerFacts()
         kpis = _verdict.verdict(records, slo, levels, facts, end - self.t_start)
         acc = _verdict.accounting(records)

@@ -136,6 +136,5 @@ class SLOShape(LoadTestShape):
         """The drained level's judgement (every one of its requests has ended)."""
         records = list(run.records)
         _verdict.assign(records, run.settings.slo)
-        closed_loop = not run.environment.parsed_options.arrival_rate
-        rows = [r for r in _verdict.level_table(records, run.settings.slo, run.windows, closed_loop) if r["level"] == level]
+        rows = [r for r in _verdict.level_table(records, run.settings.slo, run.windows, run.closed_loop) if r["level"] == level]
         return rows[0]["status"] if rows else None

@@ -61,8 +61,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "to the ingress replicas' own HTTP servers (half the serving CPU per token; "
                         "docs/serve.md#haproxy-ingress)")
     p.add_argument("--colocate", action="store_true",
-                   help="each model replica answers HTTP itself, no separate ingress replica (a third of the "
-                        "serving CPU per token; docs/serve.md#colocated-replicas)")
+                   help="each model replica answers HTTP itself, no separate ingress replica (with --ingress haproxy "
+                        "a quarter of the default's serving CPU per token; "
+                        "docs/serve.md#colocated-replicas-llmslo-serve---colocate-opt-in)")
     p.add_argument("--stop-grace-s", type=float, default=30.0,
                    help="on stop, how long Ray's processes may take to exit before they are killed")
     return p.parse_args(argv)

@@ -83,9 +83,9 @@ class _LocalStream:
         return self._items
 
     def cancel(self) -> None:
-        # Only reached once nothing iterates the generator (the handler or the body task was
-        # cancelled, which already closed it from inside, or the stream ended): closing is
-        # then immediate or a no-op.
+        # Reached once nothing iterates the generator any more (the handler's or the body's task
+        # was cancelled, or the answer ended): aclose ends a suspended generator, whose cleanup
+        # frees the engine slot, and is a no-op on one that already finished.
         task = asyncio.get_running_loop().create_task(self._items.aclose())  # type: ignore[attr-defined]
         self._closing.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._closing.discard)

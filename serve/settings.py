@@ -64,7 +64,7 @@ class AppSettings(_Strict):
         default_factory=dict, description="more Serve autoscaling_config keys, e.g. upscale_delay_s"
     )
     colocated: bool = Field(
-        False, description="each model replica answers HTTP itself (no separate ingress; docs/serve.md#colocated-replicas)"
+        False, description="each model replica answers HTTP itself (no separate ingress; docs/serve.md#colocated-replicas-llmslo-serve---colocate-opt-in)"
     )
     ingress_max_ongoing_requests: int = Field(1000, ge=1)
     ingress_cpus: float = Field(0.5, ge=0)

@@ -341,7 +341,7 @@ def model_replicas(tree: Tree) -> set[Proc]:
     return procs
 
 
-class NodeCpu:
+class NodeWatch:
     """While this process holds the node lock: the node's serving-tree CPU by role, and the
     model replicas that crashed since the last read (serve.crash_witness); else (None, 0)."""
 
@@ -475,14 +475,14 @@ class TelemetrySampler:
         self.interval_s = interval_s
         self.nvml = NvmlReader(visible_devices())
         raylet = local_raylet()
-        self.cpu = NodeCpu(raylet) if raylet is not None else None  # outside a Ray worker: no node to report
+        self.node = NodeWatch(raylet) if raylet is not None else None  # outside a Ray worker: no node to report
         self.publisher = publisher or RayPublisher(model, component)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="llmslo-telemetry", daemon=True)
 
     def sample_once(self) -> None:
         gpus = self.nvml.read()
-        cpu, crashes = self.cpu.read() if self.cpu else (None, 0)
+        cpu, crashes = self.node.read() if self.node else (None, 0)
         self.publisher.publish(self.nvml.available, gpus, cpu, crashes)
 
     def _run(self) -> None:
