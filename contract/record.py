@@ -8,7 +8,7 @@ emptying a KPI. Every field is defined in docs/glossary.md.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 Phase = Literal["ramp", "steady", "drain"]
@@ -73,13 +73,18 @@ class RequestRecord:
     server_timing: dict[str, float] | None = None  # usage.llmslo_timing of an llmslo server (contract/timing.py)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a plain dict, its containers copied (what ``asdict`` gives, without its deep copy
+        of every float: 62 µs a record with 64 gaps, paid per request by each worker)."""
+        data = {f.name: getattr(self, f.name) for f in _FIELDS}
+        data["itl_s"] = list(self.itl_s)
+        if self.server_timing is not None:
+            data["server_timing"] = dict(self.server_timing)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "RequestRecord":
         """Rebuild a record sent by a worker; a missing or unknown field is an error."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - {f.name for f in _FIELDS})
         if unknown:
             raise ValueError(f"request record has unknown field(s) {', '.join(unknown)}")
         return cls(**data)
@@ -102,3 +107,6 @@ class RequestRecord:
             inside += t <= self.level_end_s
         events = 1 + len(self.itl_s)
         return self.output_tokens * inside / events
+
+
+_FIELDS = fields(RequestRecord)

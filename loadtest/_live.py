@@ -10,6 +10,7 @@ served at ``/metrics`` of the web UI, or on ``--client-metrics-port`` headless.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
@@ -58,6 +59,7 @@ class ClientMetrics:
         self.failures = Gauge(names.CLIENT_FAILURE_RATIO, "Failed / total requests (Locust)", registry=self.registry)
         self._attainment_metrics(labels)
         self.model, self.slo = slo.service.model, slo
+        self._children: dict[str, SimpleNamespace] = {}
 
     def _attainment_metrics(self, labels: tuple[str, ...]) -> None:
         """SLO attainment, goodput and stream smoothness, by the judge's per-request definition."""
@@ -71,19 +73,29 @@ class ClientMetrics:
                                  buckets=buckets(), registry=self.registry)
 
     def observe(self, rec: RequestRecord) -> None:
-        lab = (self.model, rec.cls)
-        self.requests.labels(*lab, "ok" if rec.ok else "failed").inc()
+        c = self._children.get(rec.cls) or self._children_for(rec.cls)
+        (c.requests_ok if rec.ok else c.requests_failed).inc()
         met = meets_slo(rec, self.slo)
-        self.slo_requests.labels(*lab, "met" if met else "missed").inc()
+        (c.slo_met if met else c.slo_missed).inc()
         if met:
-            self.good_tokens.labels(*lab).inc(rec.output_tokens or 0)
+            c.good_tokens.inc(rec.output_tokens or 0)
         if rec.ok:
-            self.ttft.labels(*lab).observe(rec.ttft_s)
-            self.e2e.labels(*lab).observe(rec.e2e_s)
+            c.ttft.observe(rec.ttft_s)
+            c.e2e.observe(rec.e2e_s)
             if rec.tpot_s is not None:
-                self.tpot.labels(*lab).observe(rec.tpot_s)
+                c.tpot.observe(rec.tpot_s)
             if (gap := max_gap(rec)) is not None:
-                self.max_gap.labels(*lab).observe(gap)
+                c.max_gap.observe(gap)
+
+    def _children_for(self, cls: str) -> SimpleNamespace:
+        """One traffic class's labelled series, looked up once: ``labels()`` costs ~4 µs a call, 9 a request."""
+        lab = (self.model, cls)
+        c = self._children[cls] = SimpleNamespace(
+            requests_ok=self.requests.labels(*lab, "ok"), requests_failed=self.requests.labels(*lab, "failed"),
+            slo_met=self.slo_requests.labels(*lab, "met"), slo_missed=self.slo_requests.labels(*lab, "missed"),
+            good_tokens=self.good_tokens.labels(*lab), ttft=self.ttft.labels(*lab), e2e=self.e2e.labels(*lab),
+            tpot=self.tpot.labels(*lab), max_gap=self.max_gap.labels(*lab))
+        return c
 
     def refresh(self, runner) -> None:
         """Copy the runner's live gauges (called before each scrape)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import time
+import traceback
 import uuid
 
 import gevent
@@ -25,13 +27,15 @@ from loadtest._run import run_of
 from loadtest._shape import SLOShape
 from loadtest._reads import SocketReads, StampingClientPool
 from loadtest._sse import StreamError, consume
-from loadtest._traffic import plan_request
+from loadtest._traffic import Planned, plan_request
 
 _run.register(events)
 _user_numbers = itertools.count()
 PATH = "/v1/chat/completions"
 SLO_EVENTS = (("TTFT", "ttft_s"), ("TTFO", "ttfo_s"), ("TPOT", "tpot_s"), ("E2E", "e2e_s"))
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.1, 5.0  # after consecutive failures: 0.1, 0.2, 0.4 ... 5 s
+PLAN_WAIT_S = 10.0  # a body planned ahead that is not ready by then is planned again, in the user's greenlet
+log = logging.getLogger("llmslo.loadtest")
 
 
 class RequestTimeout(TimeoutError):
@@ -70,11 +74,30 @@ class ChatUser(FastHttpUser):
     def _plan_ahead(self) -> gevent.Greenlet:
         return gevent.spawn(plan_request, self.run.settings.mix, self.rng, gevent.get_hub().threadpool)
 
+    def _planned(self) -> Planned:
+        """The body planned while the last request streamed, or planned now.
+
+        A user waiting for a body that never comes sends nothing, and its level silently holds
+        fewer streams (a demo once ran 2 of 8 users idle; the cause was not found, suspected: a
+        media synthesis in gevent's thread pool never delivered). So the wait is bounded: after
+        ``PLAN_WAIT_S`` the stuck plan is logged with where it waited, dropped, and the body is
+        built here, media included, without the thread pool.
+        """
+        plan = self.next_plan or self._plan_ahead()
+        try:
+            return plan.get(timeout=PLAN_WAIT_S)
+        except gevent.Timeout:
+            where = "".join(traceback.format_stack(plan.gr_frame)) if plan.gr_frame else "(not started)\n"
+            log.error("llmslo loadtest: a request body planned ahead was not ready after %g s: planned again "
+                      "without the thread pool. The stuck plan waited at:\n%s", PLAN_WAIT_S, where)
+            plan.kill(block=False)
+            return plan_request(self.run.settings.mix, self.rng, _InThisGreenlet)
+
     @task
     def chat(self) -> None:
         # the next body (images, audio) is built while this request streams, so a
         # multimodal user is not idle between requests
-        planned = (self.next_plan or self._plan_ahead()).get()
+        planned = self._planned()
         self.next_plan = self._plan_ahead()
         rec = RequestRecord(
             id=uuid.uuid4().hex, cls=planned.cls, thinking=planned.thinking, short=planned.short,
@@ -174,6 +197,14 @@ class ChatUser(FastHttpUser):
 
 
 STALE = "the server closed a kept-alive connection without answering"
+
+
+class _InThisGreenlet:
+    """A media pool for :func:`plan_request` that runs the synthesis here (blocking this process meanwhile)."""
+
+    @staticmethod
+    def apply(func, args):
+        return func(*args)
 
 
 def _closed_before_answer(resp) -> bool:

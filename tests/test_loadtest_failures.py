@@ -11,7 +11,7 @@ import pytest
 
 from conftest import free_port
 from loadtest import run_headless
-from loadtest._headless import LOCUSTFILE_DIR
+from loadtest._headless import LOCUSTFILE_DIR, locust_command
 from loadtest._truth_server import fetch_truth, running
 
 SMALL = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "8", "--short-share", "0")
@@ -124,3 +124,43 @@ def test_invalid_slo_yaml_fails_in_one_line(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if "is not valid YAML" in line]
+
+
+STUCK_PLAN = '''
+import sys
+import gevent
+from locust import events
+
+
+@events.init.add_listener
+def _first_plans_never_deliver(environment, **_kw):
+    user = next(cls for cls in environment.user_classes if cls.__name__ == "ChatUser")
+    sys.modules[user.__module__].PLAN_WAIT_S = 1.0
+    plan_ahead = user._plan_ahead
+
+    def stuck_once(self):
+        if getattr(self, "stuck", False):
+            return plan_ahead(self)
+        self.stuck = True
+        return gevent.spawn(gevent.sleep, 3600)  # a body that never comes
+
+    user._plan_ahead = stuck_once
+'''
+
+
+def test_a_user_whose_planned_body_never_comes_plans_again_and_says_where_it_waited(tmp_path):
+    """Each user's first body never arrives (as if the media thread pool lost it): after PLAN_WAIT_S the
+    user builds one itself and sends; the log shows where the stuck plan waited."""
+    plugin = tmp_path / "stuck_plan.py"
+    plugin.write_text(STUCK_PLAN)
+    with running(free_port(), "--ttft", "0.01", "--itl", "0.005") as url:
+        cmd = locust_command(url, tmp_path / "r", 2, "4s", *SMALL, "--mix", "text=1,image=1")
+        cmd[cmd.index("-f") + 1] += f",{plugin}"
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        truth = fetch_truth(url)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["requests"]["failed"] == 0 and summary["requests"]["total"] == len(truth) > 2
+    assert {r["id"] for r in map(json.loads, (tmp_path / "r" / "requests.jsonl").read_text().splitlines())} == set(truth)
+    stuck = [line for line in proc.stderr.splitlines() if "was not ready after 1 s" in line]
+    assert len(stuck) == 2, proc.stderr[-3000:]  # once per user, then its plans come ahead again
+    assert "in sleep" in proc.stderr  # where the stuck plan waited

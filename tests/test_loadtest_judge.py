@@ -255,7 +255,8 @@ def test_client_metrics_count_attainment_and_goodput_by_the_judges_definition():
     assert value(names.CLIENT_SLO_REQUESTS, traffic_class="image", outcome="met") == 1
     assert value(names.CLIENT_SLO_REQUESTS, traffic_class="text", outcome="missed") == 2
     assert value(names.CLIENT_GOOD_TOKENS, traffic_class="image") == image.output_tokens
-    assert value(names.CLIENT_GOOD_TOKENS, traffic_class="text") is None
+    assert value(names.CLIENT_GOOD_TOKENS, traffic_class="text") == 0  # a class's series exist from its first request
+    assert value(names.CLIENT_SLO_REQUESTS, traffic_class="image", outcome="missed") == 0
 
 
 def test_ttft_overhead_is_client_ttft_minus_the_engines_shown_but_not_enforced():
