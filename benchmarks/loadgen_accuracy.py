@@ -2,8 +2,8 @@
 
 The truth server (loadtest/_truth_server.py) runs pinned to one CPU core and
 logs the CLOCK_MONOTONIC time of every token write; one Locust process (one
-"worker") runs pinned to another core with N concurrent closed-loop streams,
-started in one of two patterns:
+"worker"; with ``--processes P``, P of them on P cores) runs pinned to another
+core with N concurrent closed-loop streams, started in one of two patterns:
 
 - staggered: users spawned over ~2 s (``-r N/2``), so the streams' token
   writes spread over each inter-token gap;
@@ -66,11 +66,13 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
         if args.stall_ms:  # the adversarial run: one stall of the generator over the first-token burst
             cmd[cmd.index("-f") + 1] += f",{REPO / 'benchmarks' / 'stall_once.py'}"
             env.update(LLMSLO_STALL_MS=str(args.stall_ms), LLMSLO_STALL_AT_S=str(args.stall_at))
+        if args.processes > 1:  # Locust's own: a master and N worker processes, forked, on the client cores
+            cmd += ["--processes", str(args.processes)]
         spawn_s = SPAWN_SECONDS[pattern]
         # Locust spawns floor(rate) users per 1 s tick: -r N starts them all in one tick
         cmd[cmd.index("-r") + 1] = str(max(1, round(streams / spawn_s)) if spawn_s else streams)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 240, env=env,
-                              preexec_fn=lambda: os.sched_setaffinity(0, {args.client_cpu}))
+                              preexec_fn=lambda: os.sched_setaffinity(0, _client_cpus(args)))
         truth = fetch_truth(url)
         floor = _floor(url, streams, args) if args.floor else None
     summary = json.loads((report / "summary.json").read_text())
@@ -86,7 +88,8 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
     for r in records:
         chunks += r["content_deltas"] + r["reasoning_deltas"]
     level = next((row for row in summary["levels"] if row["level"] == streams), {})
-    worker = next(iter(summary["validity"]["workers"].values()), {})
+    workers = list(summary["validity"]["workers"].values())
+    worst = lambda key: max((w.get(key) or 0.0 for w in workers), default=0.0)  # noqa: E731  the worst process
     ms = lambda a, q: float(np.percentile(np.abs(a), q) * 1000) if len(a) else float("nan")  # noqa: E731
     return {
         "pattern": pattern,
@@ -97,13 +100,14 @@ def one_level(streams: int, pattern: str, args: argparse.Namespace, workdir: Pat
         "itl_err_p50_ms": ms(itl_err, 50),
         "itl_err_p99_ms": ms(itl_err, 99),
         "achieved_concurrency": level.get("achieved_concurrency"),
-        "cpu_s_per_1000_chunks": worker.get("cpu_seconds", 0.0) / chunks * 1000 if chunks else float("nan"),
-        "generator_cpu_p90": worker.get("cpu_percent_p90"),
-        "loop_lag_p99_ms": (worker.get("loop_lag_p99_s") or 0) * 1000,
-        "stamp_delay_p99_ms": (worker.get("stamp_delay_p99_s") or float("nan")) * 1000,
-        "coalesced_share": worker.get("coalesced_share"),
-        "late_shared_share": worker.get("late_shared_share"),
-        "late_shared_first_share": worker.get("late_shared_first_share"),
+        "processes": len(workers),
+        "cpu_s_per_1000_chunks": sum(w.get("cpu_seconds", 0.0) for w in workers) / chunks * 1000 if chunks else float("nan"),
+        "generator_cpu_p90": worst("cpu_percent_p90"),
+        "loop_lag_p99_ms": worst("loop_lag_p99_s") * 1000,
+        "stamp_delay_p99_ms": (worst("stamp_delay_p99_s") or float("nan")) * 1000,
+        "coalesced_share": worst("coalesced_share"),
+        "late_shared_share": worst("late_shared_share"),
+        "late_shared_first_share": worst("late_shared_first_share"),
         "invalid": not summary["validity"]["valid"],
         "invalid_because": summary["validity"]["reasons"],
         "failed": summary["requests"]["failed"],
@@ -121,6 +125,11 @@ def _floor(url: str, streams: int, args: argparse.Namespace) -> float:
     return json.loads(out.stdout)["cpu_s_per_1000_chunks"]
 
 
+def _client_cpus(args: argparse.Namespace) -> set[int]:
+    """The generator's cores: --client-cpu, and with --processes N the N-1 cores after it for the other workers."""
+    return {args.client_cpu + i for i in range(args.processes)}
+
+
 def _tls_flags(workdir: Path) -> list[str]:
     """The truth server's flags for HTTPS with a certificate made here (Debian's openssl)."""
     cert, key = self_signed_cert(workdir)
@@ -135,7 +144,7 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         achieved = f"{r['achieved_concurrency']:.1f}" if r["achieved_concurrency"] is not None else "n/a"
         lines.append(
-            f"| {r['pattern']} | {r['streams']} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
+            f"| {r['pattern']} | {r['streams']}{_processes_cell(r)} | {r['requests']} | {r['ttft_err_p50_ms']:.2f} / {r['ttft_err_p99_ms']:.2f} "
             f"| {r['itl_err_p50_ms']:.2f} / {r['itl_err_p99_ms']:.2f} | {achieved} of {r['streams']} "
             f"| {r['cpu_s_per_1000_chunks']:.3f}{_floor_cell(r)} | {r['generator_cpu_p90'] or 0:.0f} % | {r['stamp_delay_p99_ms']:.1f} "
             f"| {(r['coalesced_share'] or 0):.2%} "
@@ -143,6 +152,10 @@ def markdown(rows: list[dict]) -> str:
             f"| {'yes' if r['invalid'] else 'no'} | {r['failed']} |"
         )
     return "\n".join(lines)
+
+
+def _processes_cell(row: dict) -> str:
+    return f" ({row['processes']} processes)" if row.get("processes", 1) > 1 else ""
 
 
 def _floor_cell(row: dict) -> str:
@@ -168,6 +181,9 @@ def main() -> None:
     p.add_argument("--floor", action="store_true",
                    help="also run a bare asyncio reader (benchmarks/raw_floor.py) on the same server and core: "
                         "this machine's CPU floor per chunk, to read the generator's against")
+    p.add_argument("--processes", type=int, default=1,
+                   help="generator processes (Locust's --processes: a master and N workers) on N cores from --client-cpu; "
+                        "CPU per chunk is their sum, the other columns the worst process")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows here")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import gevent
 from locust.env import Environment
+from locust.rpc import Message
 from locust.runners import MasterRunner, WorkerRunner
 
 from contract.record import Phase, RequestRecord
@@ -464,23 +465,44 @@ def on_test_stop(environment, **_kw) -> None:
     run._close_window()
     run.t_stop = time.perf_counter()
     if run.is_master:
-        # On a headless quit the master fires test_stop before telling workers to
-        # stop; their final batches arrive afterwards, so judge once they are in.
         expected = run.senders | {c.id for c in environment.runner.clients.all}
+        if environment.parsed_options.headless:
+            _collect_finals_before_quit(run, expected)
         run.finisher = gevent.spawn(_finish_when_complete, run, expected, final_drain_s(environment) + FINAL_WAIT_S)
     else:
         finish(run)
 
 
-def _finish_when_complete(run: Run, expected: set[str], wait_s: float) -> None:
-    """Judge once every live worker's final records are in (a worker gone missing is not waited for)."""
+def _collect_finals_before_quit(run: Run, expected: set[str]) -> None:
+    """A headless master: have the workers stop now and wait here, listening, for their final records.
+
+    A headless run ends with Locust's ``MasterRunner.quit()``: it fires test_stop (here) before it
+    tells the workers anything, sends them "quit", waits 0.5 s and then stops the master's message
+    listener. A worker's final records come after its drain (the requests still running end first,
+    seconds with long replies), so they arrived to a deaf master: lost, and the run hung for the
+    whole final wait (1024 users in 2 processes: no answer after 260 s). So the "quit" Locust would
+    send next goes out now, and quit() goes on once the finals are in (or the wait ran out).
+    """
+    runner = run.environment.runner
+    for client in runner.clients.all:
+        runner.server.send_to_client(Message("quit", None, client.id))
+    _await_finals(run, expected, final_drain_s(run.environment) + FINAL_WAIT_S)
+
+
+def _await_finals(run: Run, expected: set[str], wait_s: float) -> None:
+    """Until every live worker's final records are in (a worker gone missing is not waited for)."""
     deadline = time.perf_counter() + wait_s
     runner = run.environment.runner
     while time.perf_counter() < deadline:
         missing = {c.id for c in runner.clients.all if c.state == "missing"}
         if expected - missing <= run.finals:
-            break
+            return
         gevent.sleep(0.05)
+
+
+def _finish_when_complete(run: Run, expected: set[str], wait_s: float) -> None:
+    """Judge once the final records are in (those that a headless master waited for are in already)."""
+    _await_finals(run, expected, wait_s)
     run.senders |= expected
     finish(run)
 
