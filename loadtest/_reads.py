@@ -253,19 +253,20 @@ class SocketReads:
             return False, True
         resp = self.response
         resp.feed(data)
-        buffered = resp._body_buffer
-        if not buffered:
+        block = self._take_buffered(t)
+        if block is None:
             return False, resp.message_complete
+        return True, resp.message_complete or (b"[DONE]" in block and self._done())
+
+    def _take_buffered(self, t: float) -> bytes | None:
+        """Move the body bytes the parser holds into a block stamped ``t``; the block (None: there were none)."""
+        buffered = self.response._body_buffer
+        if not buffered:
+            return None
         block = bytes(buffered)
         del buffered[:]
         self.blocks.append((t, block))
-        return True, resp.message_complete or (b"[DONE]" in block and self._done())
-
-    def _take_buffered(self, t: float) -> None:
-        buffered = self.response._body_buffer
-        if buffered:
-            self.blocks.append((t, bytes(buffered)))
-            del buffered[:]
+        return block
 
     def _done(self) -> bool:
         """Did the newest block bring a ``data: [DONE]`` line (cheap substring test first)?"""
@@ -301,9 +302,9 @@ def has_done_line(body: bytes | bytearray, since: int = 0) -> bool:
 class _Stream:
     """One body being read by the ReadLoop, which calls :meth:`on_readable` when its socket is readable.
 
-    :meth:`on_readable` runs once per chunk of every stream, so it is kept lean: a plain flag
-    instead of ``Event.is_set()``, no block counting, the ``[DONE]`` search only in a block that
-    holds the substring (docs/benchmarks.md measures what a chunk costs).
+    :meth:`on_readable` runs once per chunk of every stream: no block counting, and the
+    ``[DONE]`` search only in a block that holds the substring (docs/benchmarks.md measures
+    what a chunk costs).
     """
 
     def __init__(self, reads: SocketReads, sock) -> None:
@@ -315,7 +316,6 @@ class _Stream:
         self.last_read = reads.clock()
         self.error: BaseException | None = None
         self.ended = Event()
-        self.finished = False  # ended.is_set(), as a plain attribute for the per-chunk path
         stamping = getattr(sock, "stamping", None)  # a StampedSocket asked for kernel stamps when it was made
         self.kernel_stamps = _ask_for_kernel_stamps(self.raw) if stamping is None else stamping
 
@@ -336,14 +336,14 @@ class _Stream:
 
         Returns the read's stamping delay (0 where the kernel gave no stamp) when it added a block, else None.
         """
-        if self.finished:
+        if self.ended.is_set():
             return None
         reads = self.reads
         try:
             if self.kernel_stamps:
                 data, ancillary, _flags, _addr = self.raw.recvmsg(self.size, _ANCILLARY)
                 t = self.last_read = self.clock()
-                late = kernel_delay(ancillary) if ancillary else None
+                late = kernel_delay(ancillary)
                 if late is None:
                     late = 0.0
                 else:
@@ -359,7 +359,6 @@ class _Stream:
             self.error = exc
             added, ended, late = False, True, None
         if ended:
-            self.finished = True
             self.ended.set()
         return late if added else None
 

@@ -466,27 +466,28 @@ def on_test_stop(environment, **_kw) -> None:
     run.t_stop = time.perf_counter()
     if run.is_master:
         expected = run.senders | {c.id for c in environment.runner.clients.all}
+        wait_s = final_drain_s(environment) + FINAL_WAIT_S
         if environment.parsed_options.headless:
-            _collect_finals_before_quit(run, expected)
-        run.finisher = gevent.spawn(_finish_when_complete, run, expected, final_drain_s(environment) + FINAL_WAIT_S)
+            _tell_workers_to_quit(environment.runner)
+            _await_finals(run, expected, wait_s)  # here, while Locust's quit() still listens to them
+            wait_s = 0.0  # waited already
+        run.finisher = gevent.spawn(_finish_when_complete, run, expected, wait_s)
     else:
         finish(run)
 
 
-def _collect_finals_before_quit(run: Run, expected: set[str]) -> None:
-    """A headless master: have the workers stop now and wait here, listening, for their final records.
+def _tell_workers_to_quit(runner: MasterRunner) -> None:
+    """A headless master: the "quit" that Locust's ``MasterRunner.quit()`` sends next, sent now.
 
-    A headless run ends with Locust's ``MasterRunner.quit()``: it fires test_stop (here) before it
-    tells the workers anything, sends them "quit", waits 0.5 s and then stops the master's message
-    listener. A worker's final records come after its drain (the requests still running end first,
-    seconds with long replies), so they arrived to a deaf master: lost, and the run hung for the
-    whole final wait (1024 users in 2 processes: no answer after 260 s). So the "quit" Locust would
-    send next goes out now, and quit() goes on once the finals are in (or the wait ran out).
+    quit() fires test_stop (on_test_stop, which calls this) before it tells the workers anything, sends them
+    "quit", waits 0.5 s and then stops the master's message listener. A worker's final records
+    come after its drain (the requests still running end first, seconds with long replies), so
+    they arrived to a deaf master: lost, and the run hung for the whole final wait (1024 users in
+    2 processes: no answer after 260 s). Told now, the workers drain while test_stop waits for
+    their finals, and quit() goes on once they are in (or the wait ran out).
     """
-    runner = run.environment.runner
     for client in runner.clients.all:
         runner.server.send_to_client(Message("quit", None, client.id))
-    _await_finals(run, expected, final_drain_s(run.environment) + FINAL_WAIT_S)
 
 
 def _await_finals(run: Run, expected: set[str], wait_s: float) -> None:
@@ -501,7 +502,7 @@ def _await_finals(run: Run, expected: set[str], wait_s: float) -> None:
 
 
 def _finish_when_complete(run: Run, expected: set[str], wait_s: float) -> None:
-    """Judge once the final records are in (those that a headless master waited for are in already)."""
+    """Judge once the final records are in (a headless master waited for them in test_stop: ``wait_s`` 0)."""
     _await_finals(run, expected, wait_s)
     run.senders |= expected
     finish(run)
