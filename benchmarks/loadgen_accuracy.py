@@ -187,6 +187,7 @@ def main() -> None:
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--keep", type=Path, help="keep each level's report folder (requests.jsonl, summary.json) here")
     args = p.parse_args()
     if args.floor and args.tls:
         p.error("--floor reads plain HTTP only (benchmarks/raw_floor.py): leave out --tls")
@@ -194,7 +195,7 @@ def main() -> None:
         rows = []
         for pattern in args.patterns:
             for n in args.streams:
-                rows.append(one_level(n, pattern, args, Path(tmp)))
+                rows.append(one_level(n, pattern, args, args.keep or Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
     print(markdown(rows))
     if args.json:

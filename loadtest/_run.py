@@ -34,6 +34,7 @@ from locust.runners import MasterRunner, WorkerRunner
 
 from contract.record import Phase, RequestRecord
 from loadtest import _hops, _report, _selfcheck, _verdict
+from loadtest._backlog import Backlog
 from loadtest._reads import ReadLoop, read_loop
 from loadtest._live import ClientMetrics, install_web_ui
 from loadtest._options import OptionError, Secrets, Settings, SLOFileError, add_arguments, settings
@@ -81,6 +82,7 @@ class Run:
     drained: set[str] = field(default_factory=set)  # workers whose pre-drain requests of this epoch ended
     selfcheck: _selfcheck.SelfCheck = field(default_factory=_selfcheck.SelfCheck)
     reads: ReadLoop | None = None  # reads every stream socket of this process (user processes, from test start)
+    backlog: Backlog | None = None  # parses and records read requests when idle (user processes, from test start)
     worker_samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     server: ServerWatch | None = None
     metrics: ClientMetrics | None = None
@@ -403,8 +405,8 @@ def on_test_start(environment, **_kw) -> None:
     run = run_of(environment)
     run.stopping, run.stopped_at = False, None
     if not run.is_master:  # only processes that run users read streams and check themselves
-        if run.reads is None:  # once per process
-            run.reads = read_loop()
+        if run.backlog is None:  # once per process
+            run.reads, run.backlog = read_loop(), Backlog()
             _fewer_gc_pauses()
         if run.reads is not None:  # this run's option (the web UI's start form may change it)
             run.reads.late_s = environment.parsed_options.max_stamp_delay_ms / 1000

@@ -15,8 +15,10 @@ import random
 import time
 import traceback
 import uuid
+from typing import NamedTuple
 
 import gevent
+import gevent.event
 from geventhttpclient.response import HTTPConnectionClosed
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
@@ -25,7 +27,7 @@ from contract.record import RequestRecord
 from loadtest import _run
 from loadtest._run import run_of
 from loadtest._shape import SLOShape
-from loadtest._reads import SocketReads, StampingClientPool
+from loadtest._reads import Block, SocketReads, StampingClientPool
 from loadtest._sse import StreamError, consume
 from loadtest._traffic import Planned, plan_request
 
@@ -53,7 +55,9 @@ class ChatUser(FastHttpUser):
     """One simulated client: sends a streaming chat request, reads it to the end, repeats.
 
     After a failed request it backs off (doubling, at most 5 s) so a broken
-    server is probed, not flooded; a success resets the backoff.
+    server is probed, not flooded; a success resets the backoff. A request read
+    to its end is parsed after the user has sent its next one (_account), so a
+    failure found in a stream's content delays the request after next.
     """
 
     def on_start(self) -> None:
@@ -63,13 +67,14 @@ class ChatUser(FastHttpUser):
         self.next_at: float | None = None
         self.next_plan: gevent.Greenlet | None = None
         self.failures_in_a_row = 0
+        self.sent = 0  # requests this user sent
+        self.last_outcome = 0  # the newest of them whose outcome is known
+        self.outcome_known = gevent.event.Event()
         agent = self.client.client  # no connection made yet: its connections will keep kernel arrival times
         agent.clientpool = StampingClientPool(**agent.clientpool.client_args)
 
     def wait_time(self) -> float:
-        if not self.failures_in_a_row:
-            return 0.0
-        return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures_in_a_row - 1))
+        return 0.0  # the pause after failures is chat's own (_back_off): it may wait for an outcome first
 
     def _plan_ahead(self) -> gevent.Greenlet:
         return gevent.spawn(plan_request, self.run.settings.mix, self.rng, gevent.get_hub().threadpool)
@@ -95,6 +100,7 @@ class ChatUser(FastHttpUser):
 
     @task
     def chat(self) -> None:
+        self._back_off()
         # the next body (images, audio) is built while this request streams, so a
         # multimodal user is not idle between requests
         planned = self._planned()
@@ -107,15 +113,71 @@ class ChatUser(FastHttpUser):
         if self.run.stopping:  # the run is draining (loadtest/_run.py on_test_stopping): send nothing new
             raise StopUser()
         self.run.begin(rec)
+        self.sent += 1
+        answer: _Answer | None = None
         try:
-            self._send(rec, planned.body)
+            answer = self._send(rec, planned.body)
         except gevent.GreenletExit:  # stopped although the drain gave up waiting for it: still recorded
             rec.error = rec.error or "cancelled by the load generator at stop (outlived the stop drain)"
             raise
         finally:
-            rec.duration_s = time.perf_counter() - rec.start_mono
-            self.run.end(rec)
+            if rec.duration_s is None:  # stopped mid-request
+                rec.duration_s = time.perf_counter() - rec.start_mono
+            if answer is None:  # it failed before a body: recorded now, so the backoff sees it at once
+                self._finish(rec, self.sent)
+        if answer is not None:  # parsed after this user sent its next request (see _account)
+            self.run.backlog.add(self._account, rec, answer, self.sent)
+
+    def _account(self, rec: RequestRecord, answer: _Answer, number: int) -> None:
+        """Parse a read body into its record, report it to Locust, record it: from the run's backlog.
+
+        Parsing and bookkeeping cost ~0.4 ms a request (docs/benchmarks.md). Done by the user
+        before its next request, they serialised the turnaround of every stream that ended in
+        the same millisecond: in a lockstep burst of 1024 streams the last one sent its next
+        request ~0.4 s late, and the process held ~945 of 1024 streams. So the user sends on at
+        once and this runs when the process is idle (loadtest/_backlog.py). Every KPI is a
+        stamp taken by the reader, so parsing later changes none; the request's ``duration_s``
+        ended with its body. A failure found here (a broken stream) reaches the backoff one
+        request late.
+        """
+        try:
+            if self.run.reads is not None:  # other streams' chunks first: the parse below waits, theirs would not
+                self.run.reads.read_ready()
+            consume(rec, answer.blocks, rec.start_mono, answer.reads.late_blocks)
+        except StreamError as exc:
+            rec.error = str(exc)
+        except Exception as exc:  # a parse bug must not lose the record
+            rec.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.run.selfcheck.observe_stamp_delays(answer.reads.delays_s)  # the self-check's samples
+            _report_to_locust(answer.resp, rec)
+            self._finish(rec, number)
+            if self.run.reads is not None:
+                self.run.reads.read_ready()
+
+    def _finish(self, rec: RequestRecord, number: int) -> None:
+        """Record the ended request; the newest request's outcome sets the backoff."""
+        if rec.ok:
+            self._fire_slo_events(rec)
+        self.run.end(rec)
+        if number >= self.last_outcome:
+            self.last_outcome = number
             self.failures_in_a_row = 0 if rec.ok else self.failures_in_a_row + 1
+        self.outcome_known.set()
+
+    def _back_off(self) -> None:
+        """After failures in a row, pause before the next request (0.1, 0.2, 0.4 ... 5 s): a broken
+        server is probed, not flooded.
+
+        A request's outcome may still be waiting in the backlog (_account), so first every request
+        but the newest must be known: a user is never more than one request ahead of what it knows,
+        and a busy process, which runs no backlog, cannot let its users send on blind.
+        """
+        while self.last_outcome < self.sent - 1:
+            self.outcome_known.clear()
+            self.outcome_known.wait()
+        if self.failures_in_a_row:
+            gevent.sleep(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures_in_a_row - 1)))
 
     def _wait_for_slot(self) -> float | None:
         """Open loop: sleep until this user's next scheduled arrival; return how late we are."""
@@ -134,39 +196,51 @@ class ChatUser(FastHttpUser):
             gevent.sleep(self.next_at - now)
         return max(0.0, time.perf_counter() - self.next_at)
 
-    def _send(self, rec: RequestRecord, body: bytes) -> None:
+    def _send(self, rec: RequestRecord, body: bytes) -> _Answer | None:
+        """Send the request and read its body to the end (stamped, not parsed).
+
+        Returns the body to parse, or None when the request failed before one (HTTP error,
+        connection, timeout): ``rec.error`` says how and Locust has been told.
+        """
         opts = self.environment.parsed_options
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream",
                    "Accept-Encoding": "identity", "X-Request-Id": rec.id}
         if opts.api_key and self.run.load.send_key:
             headers["Authorization"] = f"Bearer {opts.api_key}"
         rec.start_wall = time.time()
-        t0 = rec.start_mono = time.perf_counter()
-        with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):
-            while True:
-                with self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
-                                      name=f"chat [{rec.cls}]") as resp:
-                    if not rec.connection_retries and _closed_before_answer(resp):
-                        rec.connection_retries += 1  # t0 stays: the lost attempt's time is the user's too
-                        resp.failure(f"{STALE}; resent once")
-                        continue
-                    try:
-                        self._read(resp, rec, t0, opts.stall_timeout)
-                    except StreamError as exc:
-                        rec.error = str(exc)
-                    except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, parse error
-                        rec.error = _describe_error(exc, opts.stall_timeout)
-                    resp.request_meta["response_time"] = (time.perf_counter() - t0) * 1000
-                    resp.request_meta["response_length"] = rec.response_bytes
-                    if rec.ok:
-                        resp.success()
-                    else:
-                        resp.failure(rec.error)
-                break
-        if rec.ok:
-            self._fire_slo_events(rec)
+        rec.start_mono = time.perf_counter()
+        resp = None
+        try:
+            with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):
+                resp = self._post(rec, body, headers)
+                reads, blocks = self._read(resp, rec, opts.stall_timeout)
+                rec.duration_s = time.perf_counter() - rec.start_mono
+                return _Answer(resp, reads, blocks)
+        except StreamError as exc:
+            rec.error = str(exc)
+        except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset
+            rec.error = _describe_error(exc, opts.stall_timeout)
+        rec.duration_s = time.perf_counter() - rec.start_mono
+        if resp is not None:
+            _report_to_locust(resp, rec)
+        return None
 
-    def _read(self, resp, rec: RequestRecord, t0: float, stall_timeout: float) -> None:
+    def _post(self, rec: RequestRecord, body: bytes, headers: dict):
+        """Send; return Locust's response context, entered (its with-block is closed by _report_to_locust).
+
+        A kept-alive connection the server closed before answering is resent once (see _closed_before_answer).
+        """
+        while True:
+            resp = self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
+                                    name=f"chat [{rec.cls}]").__enter__()
+            if rec.connection_retries or not _closed_before_answer(resp):
+                return resp
+            rec.connection_retries += 1  # start_mono stays: the lost attempt's time is the user's too
+            resp.failure(f"{STALE}; resent once")
+            resp.__exit__(None, None, None)
+
+    def _read(self, resp, rec: RequestRecord, stall_timeout: float) -> tuple[SocketReads, list[Block]]:
+        """The body as stamped blocks, or StreamError for an answer that is not a stream."""
         error = getattr(resp, "error", None)
         rec.status = resp.status_code or 0
         if rec.status >= 400:
@@ -178,13 +252,12 @@ class ChatUser(FastHttpUser):
         reads = SocketReads(resp._response, loop)
         try:
             blocks = reads.read(stall_timeout)
-            if loop is not None:  # other streams' chunks first: this user's work below waits, theirs would not
-                loop.read_ready()
-            consume(rec, blocks, t0, reads.late_blocks)
-        finally:  # the self-check's samples, off the timed path
+        except BaseException:
             self.run.selfcheck.observe_stamp_delays(reads.delays_s)
-            if loop is not None:
-                loop.read_ready()
+            raise
+        if loop is not None:  # other streams' chunks before this user's next request: theirs are due, it is not
+            loop.read_ready()
+        return reads, blocks
 
     def _fire_slo_events(self, rec: RequestRecord) -> None:
         """Each KPI sample as a Locust request event, so the stock tables and charts show it."""
@@ -197,6 +270,29 @@ class ChatUser(FastHttpUser):
 
 
 STALE = "the server closed a kept-alive connection without answering"
+
+
+class _Answer(NamedTuple):
+    """A response read to the end of its body, not yet parsed."""
+
+    resp: object  # Locust's ResponseContextManager, entered
+    reads: SocketReads
+    blocks: list[Block]
+
+
+def _report_to_locust(resp, rec: RequestRecord) -> None:
+    """Close Locust's with-block for the request: its request event, with our time and outcome.
+
+    Locust reports a ``catch_response`` request when its with-block exits; here the block spans
+    two greenlets (read in the user's, parsed in another), so it is exited by hand.
+    """
+    resp.request_meta["response_time"] = rec.duration_s * 1000
+    resp.request_meta["response_length"] = rec.response_bytes
+    if rec.ok:
+        resp.success()
+    else:
+        resp.failure(rec.error)
+    resp.__exit__(None, None, None)
 
 
 class _InThisGreenlet:

@@ -164,3 +164,36 @@ def test_a_user_whose_planned_body_never_comes_plans_again_and_says_where_it_wai
     stuck = [line for line in proc.stderr.splitlines() if "was not ready after 1 s" in line]
     assert len(stuck) == 2, proc.stderr[-3000:]  # once per user, then its plans come ahead again
     assert "in sleep" in proc.stderr  # where the stuck plan waited
+
+
+NEVER_IDLE = '''
+import gevent
+from locust import events
+
+
+@events.test_start.add_listener
+def _keep_the_loop_busy(environment, **_kw):
+    def spin():
+        while True:
+            gevent.sleep(0)  # always a greenlet ready to run: the loop is never idle
+    gevent.spawn(spin)
+'''
+
+
+def test_users_of_a_process_that_is_never_idle_still_back_off_from_broken_streams(tmp_path):
+    """A stream's content is parsed after its user sent the next request, when the process is idle.
+    Adversary: a process never idle and a server whose every stream breaks at once (200, then a
+    non-JSON line): the users still back off (0.1, 0.2, 0.4 ... s), at most one request ahead of
+    what they know, and every request is recorded as the failure it was."""
+    plugin = tmp_path / "never_idle.py"
+    plugin.write_text(NEVER_IDLE)
+    with running(free_port(), "--ttft", "0", "--itl", "0", "--mode", "malformed") as url:
+        cmd = locust_command(url, tmp_path / "r", 4, "4s", *SMALL)
+        cmd[cmd.index("-f") + 1] += f",{plugin}"
+        subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        truth = fetch_truth(url)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    # per user: 1 at once, 1 more before the first failure is known, then after 0.1+0.2+0.4+0.8+1.6 s
+    assert 4 * 2 <= len(truth) <= 4 * 8, len(truth)
+    assert summary["requests"]["total"] == summary["requests"]["failed"] == len(truth)
+    assert {r["id"] for r in map(json.loads, (tmp_path / "r" / "requests.jsonl").read_text().splitlines())} == set(truth)
