@@ -13,8 +13,7 @@ one implementation.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator, NamedTuple
 
 import orjson
 
@@ -27,8 +26,7 @@ class StreamError(Exception):
     """The stream broke; the message says how, in words for the report."""
 
 
-@dataclass
-class _Event:
+class _Event(NamedTuple):
     t: float
     content: str
     reasoning: str
@@ -56,17 +54,17 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float, late_bloc
     serve``), when the body ends after a choice carried a ``finish_reason``.
     """
     data = bytearray()
+    got: list[bytes] = []
     stamps: list[float] = []
-    ends: list[int] = []
     for t, block in blocks:
         data += block
+        got.append(block)
         stamps.append(t)
-        ends.append(len(data))
         if b"[DONE]" in block and has_done_line(data, since=len(data) - len(block)):
             break
     record.response_bytes += len(data)
     _no_later_than_the_next(stamps)
-    events, usage, done_at = _parse(_stamped_lines(data, stamps, ends))
+    events, usage, done_at = _parse(_stamped_lines(got, stamps))
     if done_at is None:
         raise StreamError("stream ended without [DONE] and without a finish_reason")
     record.e2e_s = done_at - t0
@@ -87,16 +85,20 @@ def _no_later_than_the_next(stamps: list[float]) -> None:
             stamps[i] = stamps[i + 1]
 
 
-def _stamped_lines(data: bytearray, stamps: list[float], ends: list[int]) -> list[tuple[float, bytes, int]]:
-    """Each non-blank line with the stamp and index of the read that delivered its last byte (its ``\\n``)."""
+def _stamped_lines(blocks: list[bytes], stamps: list[float]) -> list[tuple[float, bytes, int]]:
+    """Each non-blank line with the stamp and index of the read that delivered its last byte (its ``\\n``;
+    for an unterminated last line, the last read)."""
     out = []
-    size, read, stop = len(data), 0, 0
-    for line in bytes(data).split(b"\n"):
-        stop += len(line) + 1
-        if line and line != b"\r":
-            while ends[read] < min(stop, size):
-                read += 1
-            out.append((stamps[read], line, read))
+    carry = b""  # the start of a line that a later read ends
+    for read, block in enumerate(blocks):
+        lines = (carry + block if carry else block).split(b"\n")
+        carry = lines.pop()
+        t = stamps[read]
+        for line in lines:
+            if line and line != b"\r":
+                out.append((t, line, read))
+    if carry and carry != b"\r":
+        out.append((stamps[-1], carry, len(blocks) - 1))
     return out
 
 
@@ -137,13 +139,15 @@ def _parse(lines: Iterable[tuple[float, bytes, int]]) -> tuple[list[_Event], dic
             raise StreamError(f"error mid-stream: {_error_text(obj)}")
         if obj.get("usage"):
             usage = obj["usage"]
-        for choice in obj.get("choices") or []:
-            delta = choice.get("delta") or {}
-            content = delta.get("content") or ""
-            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-            if content or reasoning:
-                events.append(_Event(t, content, reasoning, read))
-            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
+        for choice in obj.get("choices") or ():
+            delta = choice.get("delta")
+            if delta:
+                content = delta.get("content") or ""
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                if content or reasoning:
+                    events.append(_Event(t, content, reasoning, read))
+            reason = choice.get("finish_reason")
+            if reason and isinstance(reason, str):
                 finished_at = t
         if finished_at is not None:
             finished_at = t  # a usage-only chunk may follow the finishing one

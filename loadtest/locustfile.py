@@ -112,6 +112,8 @@ class ChatUser(FastHttpUser):
         rec.schedule_lag_s = self._wait_for_slot()
         if self.run.stopping:  # the run is draining (loadtest/_run.py on_test_stopping): send nothing new
             raise StopUser()
+        if self.run.reads is not None:  # a burst of users resending runs back to back: read between them
+            self.run.reads.read_ready()
         self.run.begin(rec)
         self.sent += 1
         answer: _Answer | None = None
