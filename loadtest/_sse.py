@@ -22,6 +22,9 @@ from contract.timing import USAGE_KEY as TIMING_KEY
 from loadtest._reads import Block, Clock, has_done_line
 
 
+_loads = orjson.loads
+
+
 class StreamError(Exception):
     """The stream broke; the message says how, in words for the report."""
 
@@ -64,7 +67,7 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float, late_bloc
             break
     record.response_bytes += len(data)
     _no_later_than_the_next(stamps)
-    events, usage, done_at = _parse(_stamped_lines(got, stamps))
+    events, usage, done_at = _parse(got, stamps)
     if done_at is None:
         raise StreamError("stream ended without [DONE] and without a finish_reason")
     record.e2e_s = done_at - t0
@@ -85,23 +88,6 @@ def _no_later_than_the_next(stamps: list[float]) -> None:
             stamps[i] = stamps[i + 1]
 
 
-def _stamped_lines(blocks: list[bytes], stamps: list[float]) -> list[tuple[float, bytes, int]]:
-    """Each non-blank line with the stamp and index of the read that delivered its last byte (its ``\\n``;
-    for an unterminated last line, the last read)."""
-    out = []
-    carry = b""  # the start of a line that a later read ends
-    for read, block in enumerate(blocks):
-        lines = (carry + block if carry else block).split(b"\n")
-        carry = lines.pop()
-        t = stamps[read]
-        for line in lines:
-            if line and line != b"\r":
-                out.append((t, line, read))
-    if carry and carry != b"\r":
-        out.append((stamps[-1], carry, len(blocks) - 1))
-    return out
-
-
 def _count_late_shared_reads(record: RequestRecord, events: list[_Event], late_blocks: Collection[int]) -> None:
     """Token events read late under one stamp with the next one (in one read; over TLS, also in records
     the kernel held under one arrival time): each carries the next one's arrival."""
@@ -112,45 +98,56 @@ def _count_late_shared_reads(record: RequestRecord, events: list[_Event], late_b
     record.first_token_late_shared = bool(shared) and shared[0]
 
 
-def _parse(lines: Iterable[tuple[float, bytes, int]]) -> tuple[list[_Event], dict | None, float | None]:
+def _parse(blocks: list[bytes], stamps: list[float]) -> tuple[list[_Event], dict | None, float | None]:
     """Token events, the last usage object and the end stamp (None: the stream did not end well), in line order.
 
-    The end is the ``[DONE]`` line or, without one, the last data line once a
-    choice carried a ``finish_reason``.
-
-    Comments (``:``), ``event:``/``id:``/``retry:`` fields and blank separators
-    are skipped; a multi-line event is not used by OpenAI servers and is read
-    as separate lines.
+    Each line carries the stamp and index of the read that delivered its last byte
+    (its ``\\n``; an unterminated last line, the last read's). The end is the
+    ``[DONE]`` line or, without one, the last data line once a choice carried a
+    ``finish_reason``. Comments (``:``), ``event:``/``id:``/``retry:`` fields and
+    blank separators are skipped; a multi-line event is not used by OpenAI servers
+    and is read as separate lines. One loop over the lines, run once per request
+    for every token (docs/benchmarks.md measures it).
     """
     events: list[_Event] = []
     usage: dict | None = None
     finished_at: float | None = None
-    for t, line, read in lines:
-        if line.startswith(b"data: {"):  # the usual chunk: JSON allows the trailing \r or spaces
-            payload = line[6:]
-        else:
-            payload = _data_field(line)
-            if payload is None:
-                continue
-            if payload == b"[DONE]":
-                return events, usage, t
-        obj = _json_object(payload)
-        if "error" in obj:
-            raise StreamError(f"error mid-stream: {_error_text(obj)}")
-        if obj.get("usage"):
-            usage = obj["usage"]
-        for choice in obj.get("choices") or ():
-            delta = choice.get("delta")
-            if delta:
-                content = delta.get("content") or ""
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
-                if content or reasoning:
-                    events.append(_Event(t, content, reasoning, read))
-            reason = choice.get("finish_reason")
-            if reason and isinstance(reason, str):
-                finished_at = t
-        if finished_at is not None:
-            finished_at = t  # a usage-only chunk may follow the finishing one
+    carry, last = b"", len(blocks) - 1  # carry: the start of a line that a later read ends
+    for read, block in enumerate(blocks):
+        lines = (carry + block if carry else block).split(b"\n")
+        carry = lines.pop() if read < last else b""
+        t = stamps[read]
+        for line in lines:
+            if line.startswith(b"data: {"):  # the usual chunk: JSON allows the trailing \r or spaces
+                payload = line[6:]
+            else:
+                payload = _data_field(line)
+                if payload is None:
+                    continue
+                if payload == b"[DONE]":
+                    return events, usage, t
+            try:
+                obj = _loads(payload)
+            except orjson.JSONDecodeError:
+                raise StreamError(f"malformed SSE data (not JSON): {_shown(payload)}") from None
+            if type(obj) is not dict:
+                raise StreamError(f"malformed SSE data (not an object): {_shown(payload)}")
+            if "error" in obj:
+                raise StreamError(f"error mid-stream: {_error_text(obj)}")
+            if obj.get("usage"):
+                usage = obj["usage"]
+            for choice in obj.get("choices") or ():
+                delta = choice.get("delta")
+                if delta:
+                    content = delta.get("content") or ""
+                    reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                    if content or reasoning:
+                        events.append(_Event(t, content, reasoning, read))
+                reason = choice.get("finish_reason")
+                if reason and isinstance(reason, str):
+                    finished_at = t
+            if finished_at is not None:
+                finished_at = t  # a usage-only chunk may follow the finishing one
     return events, usage, finished_at
 
 
@@ -166,14 +163,8 @@ def _data_field(line: bytes) -> bytes | None:
     return stripped[5:].strip() or None
 
 
-def _json_object(payload: bytes) -> dict:
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise StreamError(f"malformed SSE data (not JSON): {payload[:80].decode('utf-8', 'replace')!r}") from None
-    if not isinstance(obj, dict):
-        raise StreamError(f"malformed SSE data (not an object): {payload[:80].decode('utf-8', 'replace')!r}")
-    return obj
+def _shown(payload: bytes) -> str:
+    return repr(payload[:80].decode("utf-8", "replace"))
 
 
 def _error_text(obj: dict) -> str:
