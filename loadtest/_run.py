@@ -18,7 +18,6 @@ and records them before Locust stops the users (``on_test_stopping``).
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 import time
@@ -35,6 +34,7 @@ from locust.runners import MasterRunner, WorkerRunner
 from contract.record import Phase, RequestRecord
 from loadtest import _hops, _report, _selfcheck, _verdict
 from loadtest._backlog import Backlog
+from loadtest._gc import fewer_gc_pauses
 from loadtest._reads import ReadLoop, read_loop
 from loadtest._live import ClientMetrics, install_web_ui
 from loadtest._options import OptionError, Secrets, Settings, SLOFileError, add_arguments, settings
@@ -45,8 +45,6 @@ MSG_RECORDS = "llmslo_records"
 MSG_LEVEL = "llmslo_level"
 MSG_DRAINED = "llmslo_drained"
 POLL_S = 2.0
-GC_THRESHOLDS = (20_000, 20, 10)  # Python's default is (700, 10, 10): see _fewer_gc_pauses
-FREEZE_S = 0.25  # how often what survived a young collection is frozen (_freeze_survivors)
 FINAL_WAIT_S = 10.0
 
 
@@ -388,46 +386,13 @@ def _drained(run: Run, data: dict) -> None:
         run.drained.add(data["worker"])
 
 
-def _fewer_gc_pauses() -> None:
-    """Keep Python's garbage collector from pausing the read loop for tens of milliseconds.
-
-    Measured at 1024 streams in one process (docs/benchmarks.md): with the default thresholds
-    the collector ran 1,800 times in 20 s, its full collections paused for up to 132 ms (every
-    record kept for the verdict is scanned again each time), and the reads they delayed made
-    9.6 % of tokens share a read with the next. So objects alive at test start (modules,
-    classes, Locust's own) are frozen out of every collection, the young generation is
-    collected after 20,000 allocations instead of 700, and every ``FREEZE_S`` what survived a
-    young collection is frozen too (:func:`_freeze_survivors`).
-    """
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    gevent.spawn(_freeze_survivors)
-
-
-def _freeze_survivors() -> None:
-    """Every ``FREEZE_S``: collect the young generation, then freeze what it left alive.
-
-    The survivors are mostly what the run keeps to its end (records, Locust's stats, open
-    streams), so no collection scans them again: without this, the middle generation's
-    collections paused the process for 50-78 ms at 1024 streams (reads delayed past the next
-    token) and the full ones grow with the records of a long run. What dies later and sits in
-    a reference cycle is never freed; probes (docs/benchmarks.md) found no such garbage from
-    the run itself, nor from a run whose every request failed, since a failure's cycle
-    (exception, traceback, frames) dies before the next young collection.
-    """
-    while True:
-        gevent.sleep(FREEZE_S)
-        gc.collect(0)
-        gc.freeze()
-
-
 def on_test_start(environment, **_kw) -> None:
     run = run_of(environment)
     run.stopping, run.stopped_at = False, None
     if not run.is_master:  # only processes that run users read streams and check themselves
         if run.backlog is None:  # once per process
             run.reads, run.backlog = read_loop(), Backlog()
-            _fewer_gc_pauses()
+            fewer_gc_pauses()
         if run.reads is not None:  # this run's option (the web UI's start form may change it)
             run.reads.late_s = environment.parsed_options.max_stamp_delay_ms / 1000
         run.selfcheck.start()

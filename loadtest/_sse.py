@@ -22,9 +22,6 @@ from contract.timing import USAGE_KEY as TIMING_KEY
 from loadtest._reads import Block, Clock, has_done_line
 
 
-_loads = orjson.loads
-
-
 class StreamError(Exception):
     """The stream broke; the message says how, in words for the report."""
 
@@ -57,17 +54,17 @@ def consume(record: RequestRecord, blocks: Iterable[Block], t0: float, late_bloc
     serve``), when the body ends after a choice carried a ``finish_reason``.
     """
     data = bytearray()
-    got: list[bytes] = []
+    taken: list[bytes] = []  # the bytes of each read, up to the end
     stamps: list[float] = []
     for t, block in blocks:
         data += block
-        got.append(block)
+        taken.append(block)
         stamps.append(t)
         if b"[DONE]" in block and has_done_line(data, since=len(data) - len(block)):
             break
     record.response_bytes += len(data)
     _no_later_than_the_next(stamps)
-    events, usage, done_at = _parse(got, stamps)
+    events, usage, done_at = _parse(taken, stamps)
     if done_at is None:
         raise StreamError("stream ended without [DONE] and without a finish_reason")
     record.e2e_s = done_at - t0
@@ -127,7 +124,7 @@ def _parse(blocks: list[bytes], stamps: list[float]) -> tuple[list[_Event], dict
                 if payload == b"[DONE]":
                     return events, usage, t
             try:
-                obj = _loads(payload)
+                obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 raise StreamError(f"malformed SSE data (not JSON): {_shown(payload)}") from None
             if type(obj) is not dict:
