@@ -151,21 +151,25 @@ class ChatUser(FastHttpUser):
         except Exception as exc:  # a parse bug must not lose the record
             rec.error = f"{type(exc).__name__}: {exc}"
         finally:
-            self.run.selfcheck.observe_stamp_delays(answer.reads.delays_s)  # the self-check's samples
-            _report_to_locust(answer.resp, rec)
-            self._finish(rec, number)
+            try:
+                self.run.selfcheck.observe_stamp_delays(answer.reads.delays_s)  # the self-check's samples
+                _report_to_locust(answer.resp, rec)
+            finally:  # recorded whatever broke above: the drain and this user's backoff wait for it
+                self._finish(rec, number)
             if self.run.reads is not None:
                 self.run.reads.read_ready()
 
     def _finish(self, rec: RequestRecord, number: int) -> None:
         """Record the ended request; the newest request's outcome sets the backoff."""
-        if rec.ok:
-            self._fire_slo_events(rec)
-        self.run.end(rec)
-        if number >= self.last_outcome:
-            self.last_outcome = number
-            self.failures_in_a_row = 0 if rec.ok else self.failures_in_a_row + 1
-        self.outcome_known.set()
+        try:
+            if rec.ok:
+                self._fire_slo_events(rec)
+        finally:
+            self.run.end(rec)
+            if number >= self.last_outcome:
+                self.last_outcome = number
+                self.failures_in_a_row = 0 if rec.ok else self.failures_in_a_row + 1
+            self.outcome_known.set()
 
     def _back_off(self) -> None:
         """After failures in a row, pause before the next request (0.1, 0.2, 0.4 ... 5 s): a broken
