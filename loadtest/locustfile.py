@@ -15,16 +15,17 @@ import random
 import time
 import traceback
 import uuid
+from collections import deque
 from typing import NamedTuple
 
 import gevent
-import gevent.event
 from geventhttpclient.response import HTTPConnectionClosed
 from locust import FastHttpUser, events, task
 from locust.exception import StopUser
 
 from contract.record import RequestRecord
 from loadtest import _run
+from loadtest._backlog import Task
 from loadtest._run import run_of
 from loadtest._shape import SLOShape
 from loadtest._reads import Block, SocketReads, StampingClientPool
@@ -69,7 +70,7 @@ class ChatUser(FastHttpUser):
         self.failures_in_a_row = 0
         self.sent = 0  # requests this user sent
         self.last_outcome = 0  # the newest of them whose outcome is known
-        self.outcome_known = gevent.event.Event()
+        self.unparsed: deque[Task] = deque()  # this user's requests waiting in the backlog, oldest first
         agent = self.client.client  # no connection made yet: its connections will keep kernel arrival times
         agent.clientpool = StampingClientPool(**agent.clientpool.client_args)
 
@@ -128,7 +129,7 @@ class ChatUser(FastHttpUser):
             if answer is None:  # it failed before a body: recorded now, so the backoff sees it at once
                 self._finish(rec, self.sent)
         if answer is not None:  # parsed after this user sent its next request (see _account)
-            self.run.backlog.add(self._account, rec, answer, self.sent)
+            self.unparsed.append(self.run.backlog.add(self._account, rec, answer, self.sent))
 
     def _account(self, rec: RequestRecord, answer: _Answer, number: int) -> None:
         """Parse a read body into its record, report it to Locust, record it: from the run's backlog.
@@ -169,19 +170,18 @@ class ChatUser(FastHttpUser):
             if number >= self.last_outcome:
                 self.last_outcome = number
                 self.failures_in_a_row = 0 if rec.ok else self.failures_in_a_row + 1
-            self.outcome_known.set()
 
     def _back_off(self) -> None:
         """After failures in a row, pause before the next request (0.1, 0.2, 0.4 ... 5 s): a broken
         server is probed, not flooded.
 
         A request's outcome may still be waiting in the backlog (_account), so first every request
-        but the newest must be known: a user is never more than one request ahead of what it knows,
-        and a busy process, which runs no backlog, cannot let its users send on blind.
+        but the newest is parsed, here if the backlog has not come to it: a user is never more than
+        one request ahead of what it knows, and in a process too busy to be idle, each user parses
+        its own requests.
         """
-        while self.last_outcome < self.sent - 1:
-            self.outcome_known.clear()
-            self.outcome_known.wait()
+        while len(self.unparsed) > 1:
+            self.unparsed.popleft().run()
         if self.failures_in_a_row:
             gevent.sleep(min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self.failures_in_a_row - 1)))
 
