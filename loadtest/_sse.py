@@ -123,12 +123,7 @@ def _parse(blocks: list[bytes], stamps: list[float]) -> tuple[list[_Event], dict
                     continue
                 if payload == b"[DONE]":
                     return events, usage, t
-            try:
-                obj = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                raise StreamError(f"malformed SSE data (not JSON): {_shown(payload)}") from None
-            if type(obj) is not dict:
-                raise StreamError(f"malformed SSE data (not an object): {_shown(payload)}")
+            obj = _json_object(payload)
             if "error" in obj:
                 raise StreamError(f"error mid-stream: {_error_text(obj)}")
             if obj.get("usage"):
@@ -160,8 +155,14 @@ def _data_field(line: bytes) -> bytes | None:
     return stripped[5:].strip() or None
 
 
-def _shown(payload: bytes) -> str:
-    return repr(payload[:80].decode("utf-8", "replace"))
+def _json_object(payload: bytes) -> dict:
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise StreamError(f"malformed SSE data (not JSON): {payload[:80].decode('utf-8', 'replace')!r}") from None
+    if not isinstance(obj, dict):
+        raise StreamError(f"malformed SSE data (not an object): {payload[:80].decode('utf-8', 'replace')!r}")
+    return obj
 
 
 def _error_text(obj: dict) -> str:

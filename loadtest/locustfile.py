@@ -215,21 +215,19 @@ class ChatUser(FastHttpUser):
             headers["Authorization"] = f"Bearer {opts.api_key}"
         rec.start_wall = time.time()
         rec.start_mono = time.perf_counter()
-        resp = None
+        resp = answer = None
         try:
             with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):
                 resp = self._post(rec, body, headers)
-                reads, blocks = self._read(resp, rec, opts.stall_timeout)
-                rec.duration_s = time.perf_counter() - rec.start_mono
-                return _Answer(resp, reads, blocks)
+                answer = _Answer(resp, *self._read(resp, rec, opts.stall_timeout))
         except StreamError as exc:
             rec.error = str(exc)
         except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset
             rec.error = _describe_error(exc, opts.stall_timeout)
         rec.duration_s = time.perf_counter() - rec.start_mono
-        if resp is not None:
+        if answer is None and resp is not None:
             _report_to_locust(resp, rec)
-        return None
+        return answer
 
     def _post(self, rec: RequestRecord, body: bytes, headers: dict):
         """Send; return Locust's response context, entered (its with-block is closed by _report_to_locust).
