@@ -16,19 +16,19 @@ import time
 import traceback
 import uuid
 from collections import deque
-from typing import NamedTuple
 
 import gevent
-from geventhttpclient.response import HTTPConnectionClosed
+from geventhttpclient.response import HTTPConnectionClosed, HTTPSocketPoolResponse
+from geventhttpclient.url import URL
 from locust import FastHttpUser, events, task
-from locust.exception import StopUser
+from locust.exception import CatchResponseError, StopUser
 
 from contract.record import RequestRecord
 from loadtest import _run
 from loadtest._backlog import Task
 from loadtest._run import run_of
 from loadtest._shape import SLOShape
-from loadtest._reads import Block, SocketReads, StampingClientPool
+from loadtest._reads import SocketReads, StampingClientPool
 from loadtest._sse import StreamError, consume
 from loadtest._traffic import Planned, plan_request
 
@@ -59,6 +59,14 @@ class ChatUser(FastHttpUser):
     server is probed, not flooded; a success resets the backoff. A request read
     to its end is parsed after the user has sent its next one (_account), so a
     failure found in a stream's content delays the request after next.
+
+    Requests go through the HTTP client of Locust's own session pool
+    (geventhttpclient's ``HTTPClient``: the user's timeouts, TLS settings and
+    proxy), not through the session's ``post``: the session's cookies,
+    redirects, URL building and response wrapping, none of which a chat
+    stream uses, cost ~90 µs of a request's ~250 µs to send and read
+    (docs/benchmarks.md), paid ~700 times a second at 1024 streams. Locust
+    still gets every request as its ``request`` event, with the same fields.
     """
 
     def on_start(self) -> None:
@@ -73,6 +81,10 @@ class ChatUser(FastHttpUser):
         self.unparsed: deque[Task] = deque()  # this user's requests waiting in the backlog, oldest first
         agent = self.client.client  # no connection made yet: its connections will keep kernel arrival times
         agent.clientpool = StampingClientPool(**agent.clientpool.client_args)
+        base = URL(self.client.base_url)  # --host without its credentials (the session keeps them as auth_header)
+        self.http = agent.clientpool.get_client(base)
+        self.url = f"{self.client.base_url.rstrip('/')}{PATH}"
+        self.path = f"{base.path.rstrip('/')}{PATH}"
 
     def wait_time(self) -> float:
         return 0.0  # the pause after failures is chat's own (_back_off): it may wait for an outcome first
@@ -117,21 +129,21 @@ class ChatUser(FastHttpUser):
             self.run.reads.read_ready()
         self.run.begin(rec)
         self.sent += 1
-        answer: _Answer | None = None
+        reads: SocketReads | None = None
         try:
-            answer = self._send(rec, planned.body)
+            reads = self._send(rec, planned.body)
         except gevent.GreenletExit:  # stopped although the drain gave up waiting for it: still recorded
             rec.error = rec.error or "cancelled by the load generator at stop (outlived the stop drain)"
             raise
         finally:
             if rec.duration_s is None:  # stopped mid-request
                 rec.duration_s = time.perf_counter() - rec.start_mono
-            if answer is None:  # it failed before a body: recorded now, so the backoff sees it at once
+            if reads is None:  # it failed before a body: recorded now, so the backoff sees it at once
                 self._finish(rec, self.sent)
-        if answer is not None:  # parsed after this user sent its next request (see _account)
-            self.unparsed.append(self.run.backlog.add(self._account, rec, answer, self.sent))
+        if reads is not None:  # parsed after this user sent its next request (see _account)
+            self.unparsed.append(self.run.backlog.add(self._account, rec, reads, self.sent))
 
-    def _account(self, rec: RequestRecord, answer: _Answer, number: int) -> None:
+    def _account(self, rec: RequestRecord, reads: SocketReads, number: int) -> None:
         """Parse a read body into its record, report it to Locust, record it: from the run's backlog.
 
         Parsing and bookkeeping cost ~0.4 ms a request (docs/benchmarks.md). Done by the user
@@ -146,15 +158,15 @@ class ChatUser(FastHttpUser):
         try:
             if self.run.reads is not None:  # other streams' chunks first: the parse below waits, theirs would not
                 self.run.reads.read_ready()
-            consume(rec, answer.blocks, rec.start_mono, answer.reads.late_blocks)
+            consume(rec, reads.blocks, rec.start_mono, reads.late_blocks)
         except StreamError as exc:
             rec.error = str(exc)
         except Exception as exc:  # a parse bug must not lose the record
             rec.error = f"{type(exc).__name__}: {exc}"
         finally:
             try:
-                self.run.selfcheck.observe_stamp_delays(answer.reads.delays_s)  # the self-check's samples
-                _report_to_locust(answer.resp, rec)
+                self.run.selfcheck.observe_stamp_delays(reads.delays_s)  # the self-check's samples
+                self._report_to_locust(rec, reads.response)
             finally:  # recorded whatever broke above: the drain and this user's backoff wait for it
                 self._finish(rec, number)
             if self.run.reads is not None:
@@ -202,7 +214,7 @@ class ChatUser(FastHttpUser):
             gevent.sleep(self.next_at - now)
         return max(0.0, time.perf_counter() - self.next_at)
 
-    def _send(self, rec: RequestRecord, body: bytes) -> _Answer | None:
+    def _send(self, rec: RequestRecord, body: bytes) -> SocketReads | None:
         """Send the request and read its body to the end (stamped, not parsed).
 
         Returns the body to parse, or None when the request failed before one (HTTP error,
@@ -213,55 +225,72 @@ class ChatUser(FastHttpUser):
                    "Accept-Encoding": "identity", "X-Request-Id": rec.id}
         if opts.api_key and self.run.load.send_key:
             headers["Authorization"] = f"Bearer {opts.api_key}"
+        elif self.client.auth_header:  # credentials given in --host
+            headers["Authorization"] = self.client.auth_header
         rec.start_wall = time.time()
         rec.start_mono = time.perf_counter()
-        resp = answer = None
+        resp = reads = None
         try:
             with gevent.Timeout(opts.request_timeout, RequestTimeout(f"request exceeded --request-timeout {opts.request_timeout:g} s")):
                 resp = self._post(rec, body, headers)
-                answer = _Answer(resp, *self._read(resp, rec, opts.stall_timeout))
+                reads = self._read(resp, rec, opts.stall_timeout)
         except StreamError as exc:
             rec.error = str(exc)
-        except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset
+        except Exception as exc:  # --request-timeout, socket timeout (= --stall-timeout), reset, refused
             rec.error = _describe_error(exc, opts.stall_timeout)
         rec.duration_s = time.perf_counter() - rec.start_mono
-        if answer is None and resp is not None:
-            _report_to_locust(resp, rec)
-        return answer
+        if reads is None:
+            self._report_to_locust(rec, resp)
+        return reads
 
-    def _post(self, rec: RequestRecord, body: bytes, headers: dict):
-        """Send; return Locust's response context, entered (its with-block is closed by _report_to_locust).
+    def _post(self, rec: RequestRecord, body: bytes, headers: dict) -> HTTPSocketPoolResponse:
+        """Send; the response, its headers read.
 
-        A kept-alive connection the server closed before answering is resent once (see _closed_before_answer).
+        Servers may close an idle persistent connection at any time (RFC 9112 9.6); llama.cpp's
+        server does so after some streamed replies without ``Connection: close``, and the next
+        request sent on it gets no answer. geventhttpclient, rightly, never resends a POST on its
+        own. The OpenAI SDK resends such requests (``max_retries`` 2), so the load test resends
+        once, on a new connection, and counts it (``connection_retries``); a second such close
+        is a failure.
         """
-        while True:
-            resp = self.client.post(PATH, data=body, headers=headers, stream=True, catch_response=True,
-                                    name=f"chat [{rec.cls}]").__enter__()
-            if rec.connection_retries or not _closed_before_answer(resp):
-                return resp
-            rec.connection_retries += 1  # start_mono stays: the lost attempt's time is the user's too
-            resp.failure(f"{STALE}; resent once")
-            resp.__exit__(None, None, None)
-
-    def _read(self, resp, rec: RequestRecord, stall_timeout: float) -> tuple[SocketReads, list[Block]]:
-        """The body as stamped blocks, or StreamError for an answer that is not a stream."""
-        error = getattr(resp, "error", None)
-        rec.status = resp.status_code or 0
-        if rec.status >= 400:
-            raise StreamError(f"HTTP {rec.status}: {_error_message(resp)}")
-        if error is not None:  # Locust's client caught a connection-level failure
-            raise StreamError(_describe_error(error, stall_timeout))
-        # FastResponse has no public stream reader: read its geventhttpclient response's socket
-        loop = self.run.reads
-        reads = SocketReads(resp._response, loop)
         try:
-            blocks = reads.read(stall_timeout)
+            return self.http.request("POST", self.path, body=body, headers=headers)
+        except HTTPConnectionClosed:
+            if rec.connection_retries:
+                raise
+        rec.connection_retries += 1  # start_mono stays: the lost attempt's time is the user's too
+        self._fire_request(rec, (time.perf_counter() - rec.start_mono) * 1000, 0, f"{STALE}; resent once")
+        return self.http.request("POST", self.path, body=body, headers=headers)
+
+    def _read(self, resp: HTTPSocketPoolResponse, rec: RequestRecord, stall_timeout: float) -> SocketReads:
+        """The body read to its end as stamped blocks, or StreamError for an answer that is not a stream."""
+        rec.status = resp.status_code
+        if rec.status >= 400:
+            try:
+                raise StreamError(f"HTTP {rec.status}: {_error_message(resp)}")
+            finally:
+                resp.release()
+        loop = self.run.reads
+        reads = SocketReads(resp, loop)
+        try:
+            reads.read(stall_timeout)
         except BaseException:
             self.run.selfcheck.observe_stamp_delays(reads.delays_s)
             raise
         if loop is not None:  # other streams' chunks before this user's next request: theirs are due, it is not
             loop.read_ready()
-        return reads, blocks
+        return reads
+
+    def _report_to_locust(self, rec: RequestRecord, response: HTTPSocketPoolResponse | None) -> None:
+        """Locust's request event for an ended request (its tables, charts and failures), with our time and outcome."""
+        self._fire_request(rec, rec.duration_s * 1000, rec.response_bytes, None if rec.ok else rec.error or "failed", response)
+
+    def _fire_request(self, rec: RequestRecord, ms: float, length: int, error: str | None,
+                      response: HTTPSocketPoolResponse | None = None) -> None:
+        self.environment.events.request.fire(
+            request_type="POST", name=f"chat [{rec.cls}]", response_time=ms, response_length=length,
+            exception=None if error is None else CatchResponseError(error), context=self.context(),
+            response=response, start_time=rec.start_wall, url=self.url)
 
     def _fire_slo_events(self, rec: RequestRecord) -> None:
         """Each KPI sample as a Locust request event, so the stock tables and charts show it."""
@@ -276,29 +305,6 @@ class ChatUser(FastHttpUser):
 STALE = "the server closed a kept-alive connection without answering"
 
 
-class _Answer(NamedTuple):
-    """A response read to the end of its body, not yet parsed."""
-
-    resp: object  # Locust's ResponseContextManager, entered
-    reads: SocketReads
-    blocks: list[Block]
-
-
-def _report_to_locust(resp, rec: RequestRecord) -> None:
-    """Close Locust's with-block for the request: its request event, with our time and outcome.
-
-    Locust reports a ``catch_response`` request when its with-block exits; here the block spans
-    two greenlets (read in the user's, parsed in another), so it is exited by hand.
-    """
-    resp.request_meta["response_time"] = rec.duration_s * 1000
-    resp.request_meta["response_length"] = rec.response_bytes
-    if rec.ok:
-        resp.success()
-    else:
-        resp.failure(rec.error)
-    resp.__exit__(None, None, None)
-
-
 class _InThisGreenlet:
     """A media pool for :func:`plan_request` that runs the synthesis here (blocking this process meanwhile)."""
 
@@ -307,22 +313,10 @@ class _InThisGreenlet:
         return func(*args)
 
 
-def _closed_before_answer(resp) -> bool:
-    """The server closed the (reused) connection before any byte of its answer.
-
-    Servers may close an idle persistent connection at any time (RFC 9112 9.6); llama.cpp's server
-    does so after some streamed replies without ``Connection: close``, and the next request sent
-    on it gets no answer. geventhttpclient, rightly, never resends a POST on its own. The OpenAI SDK
-    resends such requests (``max_retries`` 2), so the load test resends once, on a new connection,
-    and counts it (``connection_retries``); a second such close is a failure.
-    """
-    return isinstance(getattr(resp, "error", None), HTTPConnectionClosed) and not resp.status_code
-
-
-def _error_message(resp) -> str:
+def _error_message(resp: HTTPSocketPoolResponse) -> str:
     """The server's error text: OpenAI-style error.message if present, else the body's start."""
     try:
-        text = resp.text or ""
+        text = resp.read().decode("utf-8", "replace")
     except Exception as exc:  # the body itself could not be read
         return f"(body unreadable: {exc})"
     try:
