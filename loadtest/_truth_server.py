@@ -7,7 +7,8 @@ monotonic time of each write is logged per ``X-Request-Id``. ``GET /truth``
 returns that log, so a test can compare the client's stamps with the server's.
 CLOCK_MONOTONIC is system-wide on Linux, so the two processes share a clock.
 
-``--mode`` makes it misbehave on purpose: http500, http400, midstream (an
+``--mode`` makes it misbehave on purpose: http500, http400, redirect (307 to
+an HTTPS address), midstream (an
 error event after a few tokens), malformed (a non-JSON data line), stall
 (stop writing), nodone (close without [DONE]); ``--max-streams N`` answers 503
 to a request that would be the (N+1)-th concurrent stream (a server that fails
@@ -36,7 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-MODES = ("ok", "http500", "http400", "midstream", "malformed", "stall", "nodone")
+MODES = ("ok", "http500", "http400", "redirect", "midstream", "malformed", "stall", "nodone")
 # the request fields of OpenAI's Chat Completions API (platform.openai.com/docs/api-reference/chat/create)
 OPENAI_CHAT_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
@@ -90,9 +91,10 @@ class TruthServer:
                 return False
         return await self._stream(writer, json.loads(body), entry, headers.get("x-request-id", ""))
 
-    async def _send(self, writer, code: int, ctype: str, payload: bytes) -> None:
+    async def _send(self, writer, code: int, ctype: str, payload: bytes, extra_headers: str = "") -> None:
         writer.write(
-            f"HTTP/1.1 {code} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload
+            f"HTTP/1.1 {code} X\r\nContent-Type: {ctype}\r\nContent-Length: {len(payload)}\r\n{extra_headers}\r\n".encode()
+            + payload
         )
         await writer.drain()
 
@@ -111,6 +113,9 @@ class TruthServer:
             return True
         if a.mode == "http500":
             await self._send(writer, 500, "application/json", _error("engine exploded (truth server http500 mode)", "server_error"))
+            return True
+        if a.mode == "redirect":  # a plain-HTTP address in front of an HTTPS one
+            await self._send(writer, 307, "text/plain", b"moved", "Location: https://127.0.0.1/v1/chat/completions\r\n")
             return True
         if a.mode == "http400":
             await self._send(writer, 400, "application/json", _error("max_tokens is too large (truth server)", "invalid_request_error"))

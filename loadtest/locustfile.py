@@ -265,7 +265,7 @@ class ChatUser(FastHttpUser):
     def _read(self, resp: HTTPSocketPoolResponse, rec: RequestRecord, stall_timeout: float) -> SocketReads:
         """The body read to its end as stamped blocks, or StreamError for an answer that is not a stream."""
         rec.status = resp.status_code
-        if rec.status >= 400:
+        if rec.status >= 300:
             try:
                 raise StreamError(f"HTTP {rec.status}: {_error_message(resp)}")
             finally:
@@ -314,7 +314,13 @@ class _InThisGreenlet:
 
 
 def _error_message(resp: HTTPSocketPoolResponse) -> str:
-    """The server's error text: OpenAI-style error.message if present, else the body's start."""
+    """The server's error text: OpenAI-style error.message if present, else the body's start.
+
+    A redirect is not followed (a POST resent elsewhere would time the detour as the model's):
+    the message names where it pointed.
+    """
+    if 300 <= resp.status_code < 400:
+        return f"redirected to {resp.get('location', '(no Location)')} (not followed: give --host the address that answers)"
     try:
         text = resp.read().decode("utf-8", "replace")
     except Exception as exc:  # the body itself could not be read

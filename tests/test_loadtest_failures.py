@@ -22,6 +22,7 @@ SMALL = ("--mix", "text=1", "--input-tokens", "10", "--output-tokens", "8", "--s
     [
         ("http500", "HTTP 500: engine exploded"),
         ("http400", "HTTP 400: max_tokens is too large"),
+        ("redirect", "HTTP 307: redirected to https://127.0.0.1/v1/chat/completions (not followed"),
         ("midstream", "error mid-stream: replica lost"),
         ("malformed", "malformed SSE data (not JSON)"),
         ("nodone", "stream ended without [DONE]"),
