@@ -16,6 +16,7 @@ timestamps, e.g. TLS).
 from __future__ import annotations
 
 import itertools
+import math
 import socket
 import time
 from collections import Counter
@@ -151,6 +152,10 @@ def coalesced_gaps(records) -> dict[str, dict[str, float]]:
 # A generator process below this CPU p90 (percent of one core) had time to spare: when it still read
 # late, something held it up rather than its own load (README troubleshooting says how to tell which).
 SPARE_CPU_P90 = 50.0
+# What a generator process may use at p90 and still read bursts in time: 1024 lockstep streams spread
+# over 2 and 4 processes passed the self-check at 73 % and 44 % CPU, 2 processes at 78 % did not
+# (docs/benchmarks.md). A saturated run's hint sizes the spread to this.
+SPREAD_CPU_P90 = 60.0
 
 
 def _held_up(cpu: float | None) -> str:
@@ -159,6 +164,16 @@ def _held_up(cpu: float | None) -> str:
         return ""
     return (f" (not its own load: CPU p90 {cpu:.0f}%; held up by the machine (other processes, the VM host) "
             "or by one long step of its own: README, troubleshooting)")
+
+
+def _spread(processes: int, cpu: float) -> str:
+    """The hint added to a CPU reason: how many generator processes the same load needs at least.
+
+    A lower bound: a saturated process's CPU p90 says only that it wanted more than it had.
+    """
+    need = max(processes + 1, math.ceil(processes * cpu / SPREAD_CPU_P90))
+    return (f" (the load generator was the bottleneck: spread the users over at least {need} processes, "
+            "Locust's --processes N or workers on other machines)")
 
 
 def validity(
@@ -197,7 +212,7 @@ def validity(
                            f"with the next one > {max_coalesced_share:.0%} (a read pass came more than "
                            f"--max-stamp-delay-ms after its bytes: those tokens carry the next one's arrival){held_up}")
         if cpu is not None and cpu > max_cpu:
-            reasons.append(f"{worker}: CPU p90 {cpu:.0f}% > {max_cpu:.0f}%")
+            reasons.append(f"{worker}: CPU p90 {cpu:.0f}% > {max_cpu:.0f}%{_spread(len(per_worker), cpu)}")
         if lag is not None and lag > max_loop_lag_s:
             reasons.append(f"{worker}: gevent loop lag p99 {lag * 1e3:.1f} ms > {max_loop_lag_s * 1e3:.1f} ms{held_up}")
     lag99 = float(np.percentile(schedule_lags, 99)) if schedule_lags else None

@@ -346,6 +346,9 @@ def test_a_run_is_invalid_when_tokens_or_first_tokens_shared_late_reads():
     assert "not its own load: CPU p90 10%" in reasons[0]  # a process with time to spare was held up
     busy = validity({"w": {**samples, "cpu_percent": [80.0]}}, [], 90, 0.02, 0.1, read_late_together, 0.01)
     assert "not its own load" not in busy["reasons"][0]
+    saturated = validity({w: {**samples, "cpu_percent": [95.0]} for w in ("w1", "w2")}, [], 90, 0.02, 0.1)
+    assert [r.split(":")[0] for r in saturated["reasons"]] == ["w1", "w2"]
+    assert all("spread the users over at least 4 processes" in r for r in saturated["reasons"])  # 2 x 95 % / 60 %
 
 
 def test_a_block_stamped_later_than_the_next_one_is_capped_at_it():
